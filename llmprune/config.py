@@ -1,0 +1,62 @@
+"""``PruneConfig``: every choice of a pruning run, shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import LLMPruneError
+from .methods import METHODS
+from .patterns import Pattern, parse_pattern
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PruneConfig:
+    """What to prune, how, and with which calibration data."""
+
+    method: str = _opt("admm", "pruning method", choices=tuple(METHODS))
+    sparsity: float | None = _opt(None, "fraction of weights removed; implied by N:M and RxC:K patterns (default 0.5)")
+    pattern: str = _opt("unstructured", "'unstructured', 'N:M' (2:4, 4:8) or 'RxC:K' (4x4:8)")
+    granularity: str = _opt("row", "unstructured comparison group: per output 'row' or whole 'layer'", choices=("row", "layer"))
+    skip: list[str] = _opt([], "glob patterns of Linear names to leave dense (e.g. '*.mlp.down_proj')")
+    calib: str = _opt("wikitext2", "calibration data: wikitext2, c4, ptb or a path to a .txt file")
+    nsamples: int = _opt(128, "calibration windows")
+    seqlen: int = _opt(2048, "tokens per calibration window")
+    seed: int = _opt(0, "seed for window sampling and anything random")
+    data_dir: str | None = _opt(None, "offline data folder laid out like shared/data (default: $LLMPRUNE_DATA)")
+    device: str = _opt("auto", "compute device for one block at a time: auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = _opt(8, "calibration windows per block forward pass")
+    offload_activations: bool = _opt(False, "keep calibration activations on the CPU between blocks")
+    method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
+
+    def resolved_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern, self.sparsity, self.granularity)
+
+    def method_config(self) -> Any:
+        method = METHODS[self.method]
+        unknown = set(self.method_options) - set(method.config_cls.__dataclass_fields__)
+        if unknown:
+            raise LLMPruneError(f"method {self.method} has no option(s) {', '.join(sorted(unknown))}")
+        return method.config_cls(**self.method_options)
+
+    def validate(self) -> None:
+        """Refuse impossible settings before any work starts."""
+        if self.method not in METHODS:
+            raise LLMPruneError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        self.resolved_pattern()
+        self.method_config()
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if self.batch_size < 1:
+            raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sparsity"] = self.resolved_pattern().sparsity
+        return d

@@ -1,0 +1,175 @@
+"""Compress one pruned weight into kept values plus position metadata, and back, bit-exactly.
+
+Layouts (see FORMAT.md for the byte-level description and the compressed-tensors comparison):
+
+- ``sparse-bitmask`` (unstructured): ``compressed`` = non-zeros in row-major order (1-D), ``bitmask`` =
+  one bit per weight, ``row_offsets`` = index of each row's first value, ``shape`` = ``[out, in]``;
+- ``sparse-24-bitmask`` (2:4) / ``nm-bitmask`` (other N:M): ``compressed`` = ``[out, in*N/M]`` kept values
+  in row-major order, exactly N per group, ``bitmask`` = one bit per weight, ``shape`` = ``[[out], [in]]``;
+- ``tile-bitmask`` (RxC:K): ``compressed`` = ``[out/R, (in/C)*K]`` kept values tile by tile (tiles in
+  row-major order, row-major inside a tile), ``bitmask`` = each tile's R*C-bit code, tiles concatenated
+  along a row of tiles, ``shape`` = ``[out, in]``.
+
+Bitmasks pack 8 positions per ``uint8`` along the last axis, the first position in the lowest bit
+(numpy ``packbits(bitorder="little")``, as compressed-tensors does), each row padded to whole bytes.
+Structured layouts store exactly N (K) values per group so a kernel can index them without offsets;
+groups with fewer non-zeros get zero-valued slots. Zeros always decode as ``+0.0``: a ``-0.0`` left by
+``weight * mask`` is numerically identical and not worth a stored value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LLMPruneError
+from ..patterns import Pattern
+
+# Suffixes of the stored parts of one pruned weight, appended to its prefix (``name`` minus ``.weight``).
+PARTS = ("compressed", "bitmask", "shape", "row_offsets")
+
+
+def layout_of(pattern: Pattern) -> str:
+    """Name of the storage layout used for ``pattern``."""
+    if pattern.kind == "unstructured":
+        return "sparse-bitmask"
+    if pattern.kind == "nm":
+        return "sparse-24-bitmask" if (pattern.n, pattern.m) == (2, 4) else "nm-bitmask"
+    return "tile-bitmask"
+
+
+def parts_of(pattern: Pattern) -> tuple[str, ...]:
+    """The part suffixes stored for ``pattern``'s layout."""
+    return PARTS if pattern.kind == "unstructured" else PARTS[:3]
+
+
+def prefix_of(name: str) -> str:
+    """Stored-name prefix of a pruned parameter (compressed-tensors drops the ``.weight`` suffix)."""
+    return name.removesuffix(".weight")
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., L]`` -> uint8 ``[..., ceil(L/8)]``; position ``8b+j`` is bit ``j`` of byte ``b``."""
+    pad = -mask.shape[-1] % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
+    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (bits << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...], name: str = "bitmask", verify: bool = True) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` giving a bool tensor of ``shape``; refuses a wrongly shaped bitmask
+    or (with ``verify``) set padding bits, both signs of corruption."""
+    expected = (*shape[:-1], -(-shape[-1] // 8))
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+        raise LLMPruneError(f"{name}: expected a uint8 bitmask of shape {expected}, "
+                            f"got {packed.dtype} {tuple(packed.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+    if verify and bits[..., shape[-1]:].any():
+        raise LLMPruneError(f"{name}: padding bits are set (corrupt bitmask)")
+    return bits[..., : shape[-1]]
+
+
+def _group_shape(shape: tuple[int, int], pattern: Pattern) -> tuple[int, int, int]:
+    """``[rows of groups, groups per row, group size]`` of a structured pattern on an ``[out, in]`` weight."""
+    if pattern.kind == "nm":
+        return shape[0], shape[1] // pattern.m, pattern.m
+    return shape[0] // pattern.r, shape[1] // pattern.c, pattern.r * pattern.c
+
+
+def _groups(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """``weight`` as ``[rows of groups, groups per row, group size]`` (a view for N:M, a copy for tiles)."""
+    if pattern.kind == "nm":
+        return weight.reshape(_group_shape(weight.shape, pattern))
+    (out_f, in_f), r, c = weight.shape, pattern.r, pattern.c
+    return weight.reshape(out_f // r, r, in_f // c, c).permute(0, 2, 1, 3).reshape(_group_shape(weight.shape, pattern))
+
+
+def _ungroup(groups: torch.Tensor, pattern: Pattern, shape: tuple[int, int]) -> torch.Tensor:
+    if pattern.kind == "nm":
+        return groups.reshape(shape)
+    r, c = pattern.r, pattern.c
+    return groups.reshape(shape[0] // r, shape[1] // c, r, c).permute(0, 2, 1, 3).reshape(shape)
+
+
+def check(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise LLMPruneError(f"{name}: a pruned weight must be a 2-D float tensor, got {weight.dtype} "
+                            f"{tuple(weight.shape)}")
+    pattern.check_shape(weight.shape, name)
+    if bad := pattern.violations(weight):
+        raise LLMPruneError(f"{name}: {bad} group(s) break the declared pattern {pattern} "
+                            f"(sparsity {pattern.sparsity:g})")
+
+
+def encode(weight: torch.Tensor, pattern: Pattern, name: str) -> dict[str, torch.Tensor]:
+    """Compress ``weight`` (which must obey ``pattern``) into its parts, keyed by suffix."""
+    check(weight, pattern, name)
+    shape = torch.tensor(weight.shape, dtype=torch.int64)
+    if pattern.kind == "unstructured":
+        keep = weight != 0
+        counts = keep.sum(1)
+        return {
+            "compressed": weight[keep],
+            "bitmask": pack_bits(keep),
+            "shape": shape,
+            "row_offsets": counts.cumsum(0) - counts,
+        }
+    groups = _groups(weight, pattern)
+    size, n = groups.shape[-1], (pattern.n if pattern.kind == "nm" else pattern.k)
+    # Exactly n slots per group: the non-zeros first, then the earliest zeros (unique keys, so deterministic).
+    key = (groups != 0).to(torch.int32) * size + torch.arange(size - 1, -1, -1, dtype=torch.int32, device=weight.device)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, key.topk(n, dim=-1).indices, True)
+    values = groups[keep].reshape(groups.shape[0], -1)
+    values = values.masked_fill(values == 0, 0)  # -0.0 in a padding slot -> +0.0, as everywhere else
+    # N:M keeps compressed-tensors' sparse-24-bitmask shape tensor ([[out], [in]]); tiles use the plain [out, in].
+    return {
+        "compressed": values,
+        "bitmask": pack_bits(keep.flatten(-2)),
+        "shape": shape.reshape(-1, 1) if pattern.kind == "nm" else shape,
+    }
+
+
+def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: bool = True) -> torch.Tensor:
+    """Rebuild the dense weight from its parts, refusing anything inconsistent.
+
+    ``verify=False`` skips the data-dependent checks (bitmask counts, offsets, the pattern itself), which
+    cost a device sync: for parts already verified once, e.g. in :class:`CompressedLinear`'s forward.
+    """
+    missing = [s for s in parts_of(pattern) if s not in parts]
+    if missing:
+        raise LLMPruneError(f"{name}: missing stored part(s) {', '.join(missing)} for layout {layout_of(pattern)}")
+    shape_t, values = parts["shape"], parts["compressed"]
+    if shape_t.dtype != torch.int64 or shape_t.numel() != 2:
+        raise LLMPruneError(f"{name}: bad stored shape tensor {shape_t.dtype} {tuple(shape_t.shape)}")
+    shape = (int(shape_t.flatten()[0]), int(shape_t.flatten()[1]))
+    if not values.is_floating_point():
+        raise LLMPruneError(f"{name}: stored values have non-float dtype {values.dtype}")
+    pattern.check_shape(shape, name)
+    if pattern.kind == "unstructured":
+        keep = unpack_bits(parts["bitmask"], shape, name, verify)
+        if verify:
+            counts = keep.sum(1)
+            if values.dim() != 1 or values.numel() != int(counts.sum()):
+                raise LLMPruneError(f"{name}: {values.numel()} stored values for {int(counts.sum())} bitmask positions")
+            offsets = parts["row_offsets"]
+            if offsets.dtype != torch.int64 or not torch.equal(offsets, counts.cumsum(0) - counts):
+                raise LLMPruneError(f"{name}: row_offsets disagree with the bitmask")
+        dense = values.new_zeros(shape)
+        dense[keep] = values
+    else:
+        n = pattern.n if pattern.kind == "nm" else pattern.k
+        rows, per_row, size = _group_shape(shape, pattern)
+        keep = unpack_bits(parts["bitmask"], (rows, per_row * size), name, verify).reshape(rows, per_row, size)
+        if verify and not bool((keep.sum(-1) == n).all()):
+            raise LLMPruneError(f"{name}: bitmask does not mark exactly {n} positions per group of pattern {pattern}")
+        if tuple(values.shape) != (rows, per_row * n):
+            raise LLMPruneError(f"{name}: stored values have shape {tuple(values.shape)}, expected {(rows, per_row * n)}")
+        groups = values.new_zeros(rows, per_row, size)
+        groups[keep] = values.flatten()
+        dense = _ungroup(groups, pattern, shape)
+    # The bitmask may mark zeros (padding slots), so re-check the pattern on the values themselves.
+    if verify and (bad := pattern.violations(dense)):
+        raise LLMPruneError(f"{name}: {bad} group(s) break the declared pattern {pattern}")
+    return dense

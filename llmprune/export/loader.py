@@ -1,0 +1,126 @@
+"""Load a saved checkpoint back into a transformers model, bit-exactly and with every layer verified."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+
+from ..errors import LLMPruneError
+from ..patterns import Pattern
+from .codecs import decode, encode, parts_of
+from .reader import Checkpoint
+
+
+class CompressedLinear(nn.Module):
+    """A Linear whose weight stays compressed (the stored parts, as buffers named like the checkpoint's
+    ``<prefix>.compressed`` etc.) and is decompressed on the fly in ``forward``: the reference path the
+    sparse kernels replace."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], pattern: Pattern, bias: torch.Tensor | None,
+                 name: str = "weight") -> None:
+        super().__init__()
+        self.pattern, self.name = pattern, name
+        for suffix in parts_of(pattern):
+            self.register_buffer(suffix, parts[suffix])
+        self.out_features, self.in_features = (int(v) for v in parts["shape"].flatten())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pattern: Pattern, name: str = "weight") -> CompressedLinear:
+        return cls(encode(linear.weight.detach(), pattern, name), pattern,
+                   None if linear.bias is None else linear.bias.detach(), name)
+
+    def decompress(self) -> torch.Tensor:
+        """The dense weight (the parts were verified when built, so no data checks here)."""
+        return decode({s: getattr(self, s) for s in parts_of(self.pattern)}, self.pattern, self.name, verify=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.decompress(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}"
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise LLMPruneError(f"unknown floating dtype {dtype!r}")
+    return resolved
+
+
+def _sparse_linear(device: torch.device) -> type:
+    """The kernels package's ``SparseLinear``, or a clear error saying why it can't be used."""
+    try:
+        import kernels
+    except ImportError as exc:
+        raise LLMPruneError(f"kernels=True needs llmprune's sparse kernels (the 'kernels' package): {exc}") from exc
+    sparse_linear = getattr(kernels, "SparseLinear", None)
+    if not hasattr(sparse_linear, "from_weight"):
+        raise LLMPruneError("kernels=True: the importable 'kernels' package has no SparseLinear.from_weight "
+                            "(is it llmprune's kernels/ folder?)")
+    if not torch.cuda.is_available() or device.type != "cuda":
+        raise LLMPruneError(f"kernels=True needs a CUDA device (got device={device}, "
+                            f"CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+    return sparse_linear
+
+
+def _skeleton(config: transformers.PretrainedConfig) -> nn.Module:
+    """The model class from ``config`` with parameters on the meta device (no memory, no random init);
+    buffers such as rotary frequencies are still computed for real."""
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    try:
+        with init_empty_weights(include_buffers=False):
+            return cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise LLMPruneError(f"cannot build a model from config.json ({arch or config.model_type}): {exc}") from exc
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         compressed_modules: bool = False, kernels: bool = False) -> nn.Module:
+    """Load a checkpoint saved by llmprune (either format) as an eval-mode transformers model.
+
+    ``dtype`` casts floating parameters (default: as stored). ``compressed_modules`` keeps pruned Linears
+    as :class:`CompressedLinear`; ``kernels`` swaps in ``kernels.SparseLinear`` (needs CUDA).
+    """
+    dtype, device = _dtype(dtype), torch.device(device)
+    if kernels and compressed_modules:
+        raise LLMPruneError("choose either compressed_modules or kernels, not both")
+    sparse_linear = _sparse_linear(device) if kernels else None
+    ckpt = Checkpoint(path)
+    model = _skeleton(ckpt.config)
+    expected = model.state_dict()
+    state = {}
+    for name in ckpt.params():
+        if name not in expected:
+            raise LLMPruneError(f"{name} in {ckpt.weight_map.get(name, 'the checkpoint')}: not a parameter of "
+                                f"{type(model).__name__} as config.json describes it")
+        tensor = ckpt.weight(name)
+        if tensor.shape != expected[name].shape:
+            raise LLMPruneError(f"{name}: stored shape {tuple(tensor.shape)} but config.json implies "
+                                f"{tuple(expected[name].shape)}")
+        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # tied weights (lm_head = embed_tokens) were stored once
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    if missing := [n for n, t in tensors if t.is_meta]:
+        raise LLMPruneError(f"{missing[0]}: missing from the checkpoint at {ckpt.path}")
+    for name, pattern in ckpt.targets.items():
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name) if name.endswith(".weight") else None
+        if not isinstance(linear, nn.Linear) or not (compressed_modules or kernels):
+            continue
+        if kernels:
+            swapped = sparse_linear.from_weight(linear.weight.detach().to(device), pattern,
+                                                None if linear.bias is None else linear.bias.detach().to(device))
+        else:
+            swapped = CompressedLinear.from_linear(linear, pattern, name)
+        model.set_submodule(module_name, swapped)
+    return model.to(device).eval()

@@ -1,0 +1,20 @@
+"""Magnitude pruning: keep the largest |W| under the pattern. The data-free baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...patterns import Pattern
+from ..base import PruneResult
+
+
+@dataclass
+class MagnitudeConfig:
+    """Magnitude pruning has no options."""
+
+
+def magnitude_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: MagnitudeConfig) -> PruneResult:
+    mask = pattern.project(weight.abs())
+    return PruneResult(weight * mask, mask)

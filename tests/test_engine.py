@@ -1,0 +1,139 @@
+"""The streaming engine on tiny random models of real architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import llmprune
+from llmprune import LLMPruneError, PruneConfig
+from llmprune.engine import XtXCollector, run_block, capture_inputs
+from llmprune.models import find_blocks, find_linears
+from llmprune.patterns import count, parse_pattern
+
+from .conftest import tiny_model
+
+CALIB = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(0))
+METHODS = ["admm", "sparsegpt", "wanda", "magnitude"]
+PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None), ("4x4:8", None)]
+
+
+def _prune(model, **kw) -> dict:
+    kw.setdefault("batch_size", 4)  # 6 windows -> batches of 4 and 2: both kwarg shapes are exercised
+    return llmprune.prune(model, None, PruneConfig(**kw), calib=CALIB, quiet=True)
+
+
+def _methods() -> list[str]:
+    from llmprune.methods import METHODS as registry
+
+    return [m for m in METHODS if m in registry]
+
+
+@pytest.mark.parametrize("method", _methods())
+@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
+def test_exact_sparsity_in_every_linear(method, pattern, sparsity):
+    model = tiny_model()
+    dense = copy.deepcopy(model)
+    record = _prune(model, method=method, pattern=pattern, sparsity=sparsity)
+    pat = parse_pattern(pattern, sparsity)
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block, f"{prefix}.{i}").items():
+            if pat.structured:
+                assert int((lin.weight == 0).sum()) == count(pat.sparsity, lin.weight.numel()), name
+            else:  # exact integer count in every comparison group (row)
+                assert ((lin.weight == 0).sum(1) == count(pat.sparsity, lin.in_features)).all(), name
+            assert pat.violations(lin.weight) == 0, name
+    assert len(record["layers"]) == 2 * 7
+    assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, dense.lm_head.weight)
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_sparsity_zero_keeps_logits(method):
+    model = tiny_model()
+    with torch.no_grad():
+        ref = model(CALIB).logits
+    _prune(model, method=method, sparsity=0.0)
+    with torch.no_grad():
+        assert torch.equal(model(CALIB).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3_text"])
+def test_architectures(arch):
+    model = tiny_model(arch)
+    prefix, blocks = find_blocks(model)
+    assert len(blocks) == 2 and prefix.endswith("layers")
+    record = _prune(model, method="admm", pattern="2:4")
+    assert record["sparsity"] == pytest.approx(0.5)
+    with torch.no_grad():
+        assert torch.isfinite(model(CALIB).logits).all()
+
+
+def test_admm_beats_wanda_and_magnitude_in_the_engine():
+    errs = {}
+    for method in ("admm", "wanda", "magnitude"):
+        record = _prune(tiny_model(), method=method, pattern="2:4")
+        errs[method] = sum(layer["recon_error"] for layer in record["layers"])
+    assert errs["admm"] < errs["wanda"] < errs["magnitude"] * 1.05
+
+
+def test_skip_leaves_layers_dense():
+    model = tiny_model()
+    dense = copy.deepcopy(model)
+    record = _prune(model, method="wanda", skip=["*.mlp.down_proj", "model.layers.0.self_attn.q_proj"])
+    names = {layer["name"] for layer in record["layers"]}
+    assert "model.layers.1.mlp.down_proj" not in names and "model.layers.0.self_attn.q_proj" not in names
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, dense.model.layers[1].mlp.down_proj.weight)
+    assert (model.model.layers[0].self_attn.k_proj.weight == 0).any()
+
+
+def test_offload_activations_gives_the_same_model():
+    a, b = tiny_model(), tiny_model()
+    _prune(a, method="admm", pattern="2:4")
+    _prune(b, method="admm", pattern="2:4", offload_activations=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_shared_inputs_share_one_xtx():
+    model = tiny_model()
+    _, blocks = find_blocks(model)
+    acts = capture_inputs(model, blocks, CALIB, 4, torch.device("cpu"), torch.device("cpu"))
+    collector = XtXCollector(find_linears(blocks[0], "b"), torch.device("cpu"))
+    run_block(blocks[0], acts, torch.device("cpu"), replace=False, collector=collector)
+    collector.remove()
+    groups = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in collector.groups()]
+    assert groups == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    # the shared statistics are the exact XᵀX of the block's normalised input
+    x = torch.cat([blocks[0].input_layernorm(h) for h in acts.batches]).reshape(-1, 64)
+    torch.testing.assert_close(collector.get("b.self_attn.k_proj"), x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_gpt2_conv1d_is_refused_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(LLMPruneError, match="Conv1D"):
+        _prune(model, method="magnitude")
+
+
+def test_unknown_layout_names_what_was_looked_for():
+    class NotAnLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(LLMPruneError, match="ModuleList"):
+        _prune(NotAnLM(), method="magnitude")
+
+
+def test_tile_pattern_on_indivisible_shape_is_refused_before_work():
+    model = tiny_model(intermediate_size=130)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(LLMPruneError, match="not divisible"):
+        _prune(model, method="admm", pattern="4x4:8")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
