@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                 "pattern": str(pattern), "sparsity": pattern.sparsity,
                 "linear_dense_bytes": totals["dense_bytes"], "linear_compressed_bytes": totals["stored_bytes"],
                 "ratio": round(totals["stored_bytes"] / totals["dense_bytes"], 4),
-                "checkpoint_dense_bytes": _folder_bytes(dense), "checkpoint_compressed_bytes": _folder_bytes(compressed),
+                "checkpoint_dense_bytes": _folder_bytes(dense),
+                "checkpoint_compressed_bytes": _folder_bytes(compressed),
             })
-    result = {"command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})", "commit": _commit(), "machine": _machine(),
+    command = " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})"
+    result = {"command": command, "commit": _commit(), "machine": _machine(),
               "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantized to float16)",
               "pruned": f"{len(linears)} decoder Linears", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pattern']} | {r['sparsity']:g} | {r['linear_dense_bytes'] / 1e6:.1f} | "
-              f"{r['linear_compressed_bytes'] / 1e6:.1f} | {r['ratio']:.3f} | {r['checkpoint_dense_bytes'] / 1e6:.1f} | "
+              f"{r['linear_compressed_bytes'] / 1e6:.1f} | {r['ratio']:.3f} | "
+              f"{r['checkpoint_dense_bytes'] / 1e6:.1f} | "
               f"{r['checkpoint_compressed_bytes'] / 1e6:.1f} | "
               f"{r['checkpoint_compressed_bytes'] / r['checkpoint_dense_bytes']:.3f} |")
     return 0

@@ -57,7 +57,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (bits << shifts).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...], name: str = "bitmask", verify: bool = True) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...], name: str = "bitmask",
+                verify: bool = True) -> torch.Tensor:
     """Inverse of :func:`pack_bits` giving a bool tensor of ``shape``; refuses a wrongly shaped bitmask
     or (with ``verify``) set padding bits, both signs of corruption."""
     expected = (*shape[:-1], -(-shape[-1] // 8))
@@ -94,6 +95,7 @@ def _ungroup(groups: torch.Tensor, pattern: Pattern, shape: tuple[int, int]) -> 
 
 
 def check(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
+    """Refuse a pruned weight that is not a 2-D float tensor obeying ``pattern`` (error names it)."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise LLMPruneError(f"{name}: a pruned weight must be a 2-D float tensor, got {weight.dtype} "
                             f"{tuple(weight.shape)}")
@@ -119,7 +121,8 @@ def encode(weight: torch.Tensor, pattern: Pattern, name: str) -> dict[str, torch
     groups = _groups(weight, pattern)
     size, n = groups.shape[-1], (pattern.n if pattern.kind == "nm" else pattern.k)
     # Exactly n slots per group: the non-zeros first, then the earliest zeros (unique keys, so deterministic).
-    key = (groups != 0).to(torch.int32) * size + torch.arange(size - 1, -1, -1, dtype=torch.int32, device=weight.device)
+    position = torch.arange(size - 1, -1, -1, dtype=torch.int32, device=weight.device)
+    key = (groups != 0).to(torch.int32) * size + position
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, key.topk(n, dim=-1).indices, True)
     values = groups[keep].reshape(groups.shape[0], -1)
     values = values.masked_fill(values == 0, 0)  # -0.0 in a padding slot -> +0.0, as everywhere else
@@ -141,7 +144,7 @@ def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: 
     if missing:
         raise LLMPruneError(f"{name}: missing stored part(s) {', '.join(missing)} for layout {layout_of(pattern)}")
     shape_t, values = parts["shape"], parts["compressed"]
-    if shape_t.dtype != torch.int64 or shape_t.numel() != 2:
+    if shape_t.dtype != torch.int64 or shape_t.numel() != 2 or bool((shape_t < 0).any()):
         raise LLMPruneError(f"{name}: bad stored shape tensor {shape_t.dtype} {tuple(shape_t.shape)}")
     shape = (int(shape_t.flatten()[0]), int(shape_t.flatten()[1]))
     if not values.is_floating_point():
@@ -152,7 +155,8 @@ def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: 
         if verify:
             counts = keep.sum(1)
             if values.dim() != 1 or values.numel() != int(counts.sum()):
-                raise LLMPruneError(f"{name}: {values.numel()} stored values for {int(counts.sum())} bitmask positions")
+                raise LLMPruneError(f"{name}: {values.numel()} stored values for {int(counts.sum())} "
+                                    "bitmask positions")
             offsets = parts["row_offsets"]
             if offsets.dtype != torch.int64 or not torch.equal(offsets, counts.cumsum(0) - counts):
                 raise LLMPruneError(f"{name}: row_offsets disagree with the bitmask")
@@ -163,13 +167,16 @@ def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: 
         rows, per_row, size = _group_shape(shape, pattern)
         keep = unpack_bits(parts["bitmask"], (rows, per_row * size), name, verify).reshape(rows, per_row, size)
         if verify and not bool((keep.sum(-1) == n).all()):
-            raise LLMPruneError(f"{name}: bitmask does not mark exactly {n} positions per group of pattern {pattern}")
+            raise LLMPruneError(f"{name}: bitmask does not mark exactly {n} positions per group of "
+                                f"pattern {pattern}")
         if tuple(values.shape) != (rows, per_row * n):
-            raise LLMPruneError(f"{name}: stored values have shape {tuple(values.shape)}, expected {(rows, per_row * n)}")
+            raise LLMPruneError(f"{name}: stored values have shape {tuple(values.shape)}, "
+                                f"expected {(rows, per_row * n)}")
         groups = values.new_zeros(rows, per_row, size)
         groups[keep] = values.flatten()
         dense = _ungroup(groups, pattern, shape)
-    # The bitmask may mark zeros (padding slots), so re-check the pattern on the values themselves.
+    # Exact group counts already bound structured layouts, but an unstructured bitmask can hold more positions
+    # than the sparsity allows: counting the decoded non-zeros checks every kind the same way.
     if verify and (bad := pattern.violations(dense)):
         raise LLMPruneError(f"{name}: {bad} group(s) break the declared pattern {pattern}")
     return dense

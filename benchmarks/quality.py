@@ -1,0 +1,110 @@
+"""Quality benchmark: prune SmolLM2-135M with each method at each pattern, WikiText-2 perplexity.
+
+Full protocol (issue #3): 128 x 2048 calibration windows from wiki.valid.raw (seed 0), all 148 test
+windows of 2048. Flags shrink it for CPU, e.g.
+
+    python benchmarks/quality.py --data-dir ../shared/data --nsamples 16 --seqlen 512 --eval-windows 8
+
+Prints a markdown table and writes benchmarks/results/quality.json (one row per method x pattern;
+rows of other settings already in the file are kept, same-setting rows are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmprune import PruneConfig, evaluate, prune  # noqa: E402
+from llmprune.data import calibration_windows  # noqa: E402
+from llmprune.engine import resolve_device  # noqa: E402
+from llmprune.methods import METHODS  # noqa: E402
+from llmprune.models import default_model, load_model  # noqa: E402
+from llmprune.report import environment, markdown_table, write_json_atomic  # noqa: E402
+
+PATTERNS = {"50%": ("unstructured", 0.5), "60%": ("unstructured", 0.6), "70%": ("unstructured", 0.7),
+            "2:4": ("2:4", None), "4:8": ("4:8", None), "4x4:8": ("4x4:8", None)}
+RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
+KEY = ("model", "method", "pattern", "sparsity", "nsamples", "seqlen", "calib", "eval_windows", "device", "variant")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: bundled SmolLM2-135M-Instruct GGUF")
+    p.add_argument("--methods", default="admm,sparsegpt,wanda,magnitude")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma list of {', '.join(PATTERNS)}")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None, help="default: all (148 for SmolLM2)")
+    p.add_argument("--calib", default="wikitext2")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--options", default="{}", help='JSON method options, e.g. \'{"admm": {"iters": 40}}\'')
+    p.add_argument("--variant", default="default", help="label stored with the rows (for ablations)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    env = environment()
+    options = json.loads(args.options)
+    device = str(resolve_device(args.device))
+    source = args.model or default_model()
+    model, tokenizer = load_model(source)
+    model_name = Path(source).name
+    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, 0, args.data_dir)
+    eval_kw = dict(windows=args.eval_windows, device=args.device, data_dir=args.data_dir)
+
+    base = dict(model=model_name, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib,
+                eval_windows=args.eval_windows or "all", device=env["machine"], variant=args.variant, commit=env["commit"])
+    rows = [dict(base, method="dense", pattern="dense", sparsity=0.0, ppl=evaluate(model, tokenizer, **eval_kw), prune_seconds=0.0)]
+    print(f"dense: {rows[0]['ppl']}", flush=True)
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method}")
+        for label in args.patterns.split(","):
+            pattern, sparsity = PATTERNS[label]
+            pruned = copy.deepcopy(model)
+            cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, device=args.device,
+                              batch_size=args.batch_size, method_options=options.get(method, {}))
+            t = time.perf_counter()
+            record = prune(pruned, tokenizer, cfg, calib=calib, quiet=True)
+            seconds = time.perf_counter() - t
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            ppl = evaluate(pruned, tokenizer, **eval_kw)
+            rows.append(dict(base, method=method, pattern=label, sparsity=record["sparsity"], ppl=ppl,
+                             prune_seconds=seconds, options=options.get(method, {})))
+            print(f"{method} {label}: ppl {ppl['wikitext2']:.2f}  prune {seconds:.1f}s", flush=True)
+            del pruned
+
+    print(table(rows))
+    out = Path(args.out)
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    keys = {tuple(r.get(k) for k in KEY) for r in rows}
+    kept = [r for r in old if tuple(r.get(k) for k in KEY) not in keys]
+    write_json_atomic(out, {"command": " ".join(["python", *sys.argv]), "env": env, "rows": kept + rows})
+
+
+def table(rows: list[dict]) -> str:
+    labels = [label for label in PATTERNS if any(r["pattern"] == label for r in rows)]
+    body = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by = {r["pattern"]: r for r in rows if r["method"] == method}
+        if method == "dense":
+            body.append(["dense", *[f"{by['dense']['ppl']['wikitext2']:.2f}"] * len(labels), "-"])
+            continue
+        cells = [f"{by[label]['ppl']['wikitext2']:.2f}" if label in by else "-" for label in labels]
+        secs = " / ".join(f"{by[label]['prune_seconds']:.1f}" for label in labels if label in by)
+        body.append([method, *cells, secs])
+    return markdown_table(["method", *labels, "prune s"], body)
+
+
+if __name__ == "__main__":
+    main()
