@@ -5,8 +5,9 @@ windows of 2048. Flags shrink it for CPU, e.g.
 
     python benchmarks/quality.py --data-dir ../shared/data --nsamples 16 --seqlen 512 --eval-windows 8
 
-Prints a markdown table and writes benchmarks/results/quality.json (one row per method x pattern;
-rows of other settings already in the file are kept, same-setting rows are replaced).
+Prints a markdown table and writes benchmarks/results/quality.json after every row (one row per
+method x pattern). Rows already in the file with the same setting are reused (their commit is recorded), so an
+interrupted run resumes; --force recomputes them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--options", default="{}", help='JSON method options, e.g. \'{"admm": {"iters": 40}}\'')
     p.add_argument("--variant", default="default", help="label stored with the rows (for ablations)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--force", action="store_true", help="recompute rows already in --out")
     args = p.parse_args()
 
     env = environment()
@@ -63,33 +65,49 @@ def main() -> None:
 
     base = dict(model=model_name, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib,
                 eval_windows=args.eval_windows or "all", device=env["machine"], variant=args.variant, commit=env["commit"])
-    rows = [dict(base, method="dense", pattern="dense", sparsity=0.0, ppl=evaluate(model, tokenizer, **eval_kw), prune_seconds=0.0)]
-    print(f"dense: {rows[0]['ppl']}", flush=True)
+    out = Path(args.out)
+    rows: list[dict] = json.loads(out.read_text())["rows"] if out.exists() else []
+    command = " ".join(["python", *sys.argv])
+
+    def measured(method: str, label: str) -> dict | None:
+        want = dict(base, method=method, pattern=label)
+        hits = [r for r in rows if all(r.get(k) == want.get(k) for k in KEY if k != "sparsity")]
+        return None if args.force or not hits else hits[-1]
+
+    def record(row: dict) -> None:
+        rows[:] = [r for r in rows if tuple(r.get(k) for k in KEY) != tuple(row.get(k) for k in KEY)] + [row]
+        write_json_atomic(out, {"command": command, "env": env, "rows": rows})
+
+    done = [measured("dense", "dense")]
+    if done[0] is None:
+        record(dict(base, method="dense", pattern="dense", sparsity=0.0, ppl=evaluate(model, tokenizer, **eval_kw), prune_seconds=0.0))
+        done = [rows[-1]]
+    print(f"dense: {done[0]['ppl']}", flush=True)
     for method in args.methods.split(","):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method}")
         for label in args.patterns.split(","):
-            pattern, sparsity = PATTERNS[label]
-            pruned = copy.deepcopy(model)
-            cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, device=args.device,
-                              batch_size=args.batch_size, method_options=options.get(method, {}))
-            t = time.perf_counter()
-            record = prune(pruned, tokenizer, cfg, calib=calib, quiet=True)
-            seconds = time.perf_counter() - t
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            ppl = evaluate(pruned, tokenizer, **eval_kw)
-            rows.append(dict(base, method=method, pattern=label, sparsity=record["sparsity"], ppl=ppl,
-                             prune_seconds=seconds, options=options.get(method, {})))
-            print(f"{method} {label}: ppl {ppl['wikitext2']:.2f}  prune {seconds:.1f}s", flush=True)
-            del pruned
+            if (row := measured(method, label)) is None:
+                row = run_one(model, tokenizer, calib, method, label, args, options.get(method, {}), eval_kw, base, device)
+                record(row)
+            done.append(row)
+            print(f"{method} {label}: ppl {row['ppl']['wikitext2']:.2f}  prune {row['prune_seconds']:.1f}s", flush=True)
+    print(table(done))
 
-    print(table(rows))
-    out = Path(args.out)
-    old = json.loads(out.read_text())["rows"] if out.exists() else []
-    keys = {tuple(r.get(k) for k in KEY) for r in rows}
-    kept = [r for r in old if tuple(r.get(k) for k in KEY) not in keys]
-    write_json_atomic(out, {"command": " ".join(["python", *sys.argv]), "env": env, "rows": kept + rows})
+
+def run_one(model, tokenizer, calib, method, label, args, options, eval_kw, base, device) -> dict:  # noqa: ANN001
+    """Prune a copy of ``model`` with one method and pattern; evaluate it."""
+    pattern, sparsity = PATTERNS[label]
+    pruned = copy.deepcopy(model)
+    cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, device=args.device,
+                      batch_size=args.batch_size, method_options=options)
+    t = time.perf_counter()
+    result = prune(pruned, tokenizer, cfg, calib=calib, quiet=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    ppl = evaluate(pruned, tokenizer, **eval_kw)
+    return dict(base, method=method, pattern=label, sparsity=result["sparsity"], ppl=ppl, prune_seconds=seconds, options=options)
 
 
 def table(rows: list[dict]) -> str:

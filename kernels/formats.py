@@ -135,7 +135,7 @@ def pack(weight: torch.Tensor, lay: Layout) -> PackedWeight:
     tiles = _tiles(torch.nn.functional.pad(weight, (0, kp - k)), lay)
     nz = tiles != 0
     if bool((nz.sum(-1) > lay.kv).any()):
-        raise ValueError(f"weight has tiles with more than {lay.kv} non-zeros in {lay.r}x{lay.c}: not pruned to the pattern")
+        raise ValueError(f"weight has {lay.r}x{lay.c} tiles with more than {lay.kv} non-zeros: not pruned to the pattern")
     # Kept positions: the non-zeros, then the lowest zero positions up to kv; ascending, so values
     # are stored in bit order and every code has exactly kv entries.
     pos = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[..., : lay.kv].sort(-1).values

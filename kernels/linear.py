@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cusparselt
-from .dispatch import DispatchTable, default_table
+from .dispatch import DispatchTable, default_table, layout_key
 from .formats import Layout, PackedWeight, layout_for, pack, unpack
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -74,8 +74,9 @@ class SparseLinear(nn.Module):
         return PackedWeight(self.layout, self.values, self.meta, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
-        fmt = "2:4" if self.layout.fmt == "2:4" else f"{self.layout.r}x{self.layout.c}:{self.layout.kv}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={fmt}"
+        fmt = layout_key(self.layout)
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, format={fmt}"
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
         self._cslt = None  # device/dtype-specific; rebuilt on demand

@@ -1,14 +1,20 @@
 """Triton kernels over the packed layouts of :mod:`kernels.formats` (imported only when triton is).
 
-One kernel computes ``y = x @ W.T (+ bias)`` for every token count: each program decodes a
-``[BLOCK_N, BLOCK_K]`` tile of W in registers from the packed values + metadata (read once, contiguous
-along K) and accumulates in fp32, either as a GEMV (``BLOCK_M == 1``: elementwise FMA, reduced once at
-the end) or with ``tl.dot`` (``BLOCK_M >= 16``). Small grids split K across programs and combine with
-fp32 atomics. A second kernel decompresses to a dense weight for the decompress-then-cuBLAS path.
+One kernel computes ``y = x @ W.T (+ bias)`` for every token count. Each program walks K over a
+``BLOCK_N`` slice of rows, reading the packed values and metadata once (contiguous along K) and
+decoding in registers, with fp32 accumulation:
 
-Configurations are tuned per (layout, N, K, M bucket, dtype) on first use with ``triton.testing.do_bench``
-(never while a CUDA graph is being captured). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU
-tensors with an explicit or default config; popcount is then done with bit arithmetic instead of POPC.
+- M = 1 (GEMV, ``BLOCK_M == 1``): for 2:4 each kept value picks its input by two selects, so W is
+  never expanded; for tiles the dense tile is rebuilt (popcount rank + gather) and FMA'd. Either way
+  the sum over K happens once, at the end.
+- M > 1: the decoded dense tile feeds ``tl.dot`` (BLOCK_M 16-64 for decode, 64-128 for prefill).
+
+When N gives too few programs for the SMs, K is split across programs, which add fp32 partials
+atomically. A second kernel decompresses to a dense weight (the decompress-then-cuBLAS path).
+
+Configs are tuned on first use per (layout, N, K, M bucket, dtype) with ``triton.testing.do_bench``,
+never while a CUDA graph is being captured. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU
+tensors with an explicit or default config, doing popcount with bit arithmetic instead of POPC.
 """
 
 from __future__ import annotations
@@ -40,59 +46,82 @@ def _popc(x, USE_POPC: tl.constexpr):
 
 
 @triton.jit
-def _decode_24(vals_ptr, meta_ptr, rn, k0, N, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense [BLOCK_N, BLOCK_K] tile of a 2:4 weight: each weight is v0, v1 or 0 by two compares."""
+def _load_24(vptr, mptr, k0, KP, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Kept values (v0, v1) and codes of the [BLOCK_N, BLOCK_K / 4] 2:4 groups at ``vptr``/``mptr``.
+
+    Values and metadata words are loaded contiguously (16-byte vectors) and split in registers; a
+    thread-per-group load of each word would cost an instruction per group.
+    """
     G: tl.constexpr = BLOCK_K // 4
-    g = k0 // 4 + tl.arange(0, G)
-    ok = (rn < N)[:, None] & (g < KP // 4)[None, :]
-    word = tl.load(meta_ptr + rn[:, None] * (KP // 32) + (g // 8)[None, :], mask=ok, other=0)
-    code = (word >> ((g % 8) * 4)[None, :]) & 15
-    i0 = (code & 3)[:, :, None]
-    i1 = (code >> 2)[:, :, None]
-    voff = rn[:, None, None] * (KP // 2) + 2 * g[None, :, None] + tl.arange(0, 2)[None, None, :]
-    v0, v1 = tl.split(tl.load(vals_ptr + voff, mask=ok[:, :, None], other=0.0))
+    if EVEN_K:
+        v = tl.load(vptr)
+        word = tl.load(mptr)
+    else:
+        v = tl.load(vptr, mask=(k0 // 2 + tl.arange(0, 2 * G) < KP // 2)[None, :], other=0.0)
+        word = tl.load(mptr, mask=(k0 // 32 + tl.arange(0, G // 8) < KP // 32)[None, :], other=0)
+    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+    code = tl.reshape((word[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15, (BLOCK_N, G))
+    return v0, v1, code
+
+
+@triton.jit
+def _expand_24(v0, v1, code, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile: each weight is v0, v1 or 0 by two compares."""
     p = tl.arange(0, 4)[None, None, :]
-    w = tl.where(p == i0, v0[:, :, None], tl.where(p == i1, v1[:, :, None], 0.0))
+    w = tl.where(p == (code & 3)[:, :, None], v0[:, :, None], 0.0)
+    w = tl.where(p == (code >> 2)[:, :, None], v1[:, :, None], w)
     return tl.reshape(w.to(v0.dtype), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _decode_tile(
-    vals_ptr, meta_ptr, rn, k0, N, KP,
-    R: tl.constexpr, C: tl.constexpr, KV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_POPC: tl.constexpr,
-):
-    """Dense [BLOCK_N, BLOCK_K] tile of an RxC:KV weight: value offset = popcount of the lower code bits."""
-    TPW: tl.constexpr = 32 // (R * C)
-    CPW: tl.constexpr = C * TPW
-    W: tl.constexpr = BLOCK_K // CPW
-    wpr = KP // CPW  # words per tile row
-    wi = k0 // CPW + tl.arange(0, W)
-    ok = (rn < N)[:, None] & (wi < wpr)[None, :]
-    widx = (rn // R)[:, None] * wpr + wi[None, :]
-    word = tl.load(meta_ptr + widx, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
-    j = tl.arange(0, CPW)
-    # Bit of (row rn, column j of the word) counted from the word's start; loop-invariant.
-    sh = ((j // C) * (R * C) + (j % C))[None, :] + ((rn % R) * C)[:, None]
-    sh = sh.to(tl.uint32)[:, None, :]
-    one = tl.full((1, 1, 1), 1, tl.uint32)
-    keep = ((word >> sh) & one) != 0
-    off = widx[:, :, None] * (TPW * KV) + _popc(word & ((one << sh) - one), USE_POPC)
-    w = tl.load(vals_ptr + off, mask=keep & ok[:, :, None], other=0.0)
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+def _gemv_24(v0, v1, code, x, G: tl.constexpr):
+    """[BLOCK_N, G] partial products of a 2:4 GEMV: pick each value's x instead of expanding W.
+
+    ``x`` is [G, 4] (a group's four inputs); i0 is in 0..2 and i1 in 1..3, so two selects each.
+    """
+    xa, xb = tl.split(tl.reshape(x.to(tl.float32), (G, 2, 2)))
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    i0 = code & 3
+    i1 = code >> 2
+    s0 = tl.where(i0 == 0, x0[None, :], tl.where(i0 == 1, x1[None, :], x2[None, :]))
+    s1 = tl.where(i1 == 3, x3[None, :], tl.where(i1 == 2, x2[None, :], x1[None, :]))
+    return v0.to(tl.float32) * s0 + v1.to(tl.float32) * s1
 
 
 @triton.jit
-def _decode(
-    vals_ptr, meta_ptr, rn, k0, N, KP,
-    IDX24: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_POPC: tl.constexpr,
+def _decode_tile(
+    vals_ptr, meta_ptr, widx, low, k0, KP,
+    TPW: tl.constexpr, KV: tl.constexpr, CPW: tl.constexpr, W: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_POPC: tl.constexpr,
 ):
-    if IDX24:
-        w = _decode_24(vals_ptr, meta_ptr, rn, k0, N, KP, BLOCK_N, BLOCK_K)
+    """Dense [BLOCK_N, W, CPW] weights of the RxC:KV words ``widx``: value = popcount of lower code bits.
+
+    ``low`` holds, per weight, the word bits below its own (loop-invariant; its own bit is low + 1,
+    recomputed rather than kept to save registers). The rank is always inside the word's values, so
+    the gather is unmasked and dropped weights are selected away.
+    """
+    if EVEN_K:
+        word = tl.load(meta_ptr + widx)
     else:
-        w = _decode_tile(vals_ptr, meta_ptr, rn, k0, N, KP, R, C, KV, BLOCK_N, BLOCK_K, USE_POPC)
-    return w
+        ok = (k0 // CPW + tl.arange(0, W) < KP // CPW)[None, :]
+        word = tl.load(meta_ptr + widx, mask=ok, other=0)
+    word = word.to(tl.uint32, bitcast=True)[:, :, None]
+    off = widx[:, :, None] * (TPW * KV) + _popc(word & low, USE_POPC)
+    if EVEN_K:
+        v = tl.load(vals_ptr + off)
+    else:
+        v = tl.load(vals_ptr + off, mask=ok[:, :, None], other=0.0)
+    return tl.where((word & (low + 1)) != 0, v, 0.0).to(v.dtype)
+
+
+@triton.jit
+def _tile_low_bits(rn, R: tl.constexpr, C: tl.constexpr, CPW: tl.constexpr):
+    """[BLOCK_N, 1, CPW] mask of the word's code bits below each (row, column of a word)'s own bit."""
+    j = tl.arange(0, CPW)
+    sh = (((j // C) * (R * C) + (j % C))[None, :] + ((rn % R) * C)[:, None]).to(tl.uint32)[:, None, :]
+    one = tl.full((1, 1, 1), 1, tl.uint32)
+    return (one << sh) - one
 
 
 @triton.jit
@@ -101,43 +130,82 @@ def _sparse_mm_kernel(
     M, N, K, KP, stride_xm,
     IDX24: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_POPC: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_POPC: tl.constexpr,
 ):
+    TPW: tl.constexpr = 32 // (R * C)
+    CPW: tl.constexpr = C * TPW
+    W: tl.constexpr = BLOCK_K // CPW
+    G: tl.constexpr = BLOCK_K // 4
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     # M-tiles vary fastest so concurrent programs share (and decode from L2) the same weight tiles.
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows load row M-1 / N-1 instead of being masked; the store drops them.
+    rm_c = tl.minimum(rm, M - 1)
+    rn_c = tl.minimum(rn, N - 1)
     k_blocks = tl.cdiv(KP, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb_start = tl.program_id(1) * per_split
     kb_end = tl.minimum(kb_start + per_split, k_blocks)
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    k_start = kb_start * BLOCK_K
+
+    if IDX24:
+        vptr = vals_ptr + rn_c[:, None] * (KP // 2) + (k_start // 2 + tl.arange(0, 2 * G))[None, :]
+        mptr = meta_ptr + rn_c[:, None] * (KP // 32) + (k_start // 32 + tl.arange(0, G // 8))[None, :]
     else:
+        widx = (rn_c // R)[:, None] * (KP // CPW) + (k_start // CPW + tl.arange(0, W))[None, :]
+        low = _tile_low_bits(rn_c, R, C, CPW)
+    if BLOCK_M == 1:
+        if IDX24:  # x as [group, position]
+            xk = k_start + 4 * tl.arange(0, G)[:, None] + tl.arange(0, 4)[None, :]
+            acc = tl.zeros((BLOCK_N, G), tl.float32)
+        else:  # x as [word, column]
+            xk = k_start + CPW * tl.arange(0, W)[:, None] + tl.arange(0, CPW)[None, :]
+            acc = tl.zeros((BLOCK_N, W, CPW), tl.float32)
+        xptr = x_ptr + rm_c * stride_xm + xk
+    else:
+        xk = k_start + tl.arange(0, BLOCK_K)[None, :]
+        xptr = x_ptr + rm_c[:, None] * stride_xm + xk
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
     for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0
-        )
-        w = _decode(vals_ptr, meta_ptr, rn, k0, N, KP, IDX24, R, C, KV, BLOCK_N, BLOCK_K, USE_POPC)
-        if BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)
+        if EVEN_K:
+            x = tl.load(xptr)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            x = tl.load(xptr, mask=xk < K, other=0.0)
+        if IDX24:
+            v0, v1, code = _load_24(vptr, mptr, k0, KP, BLOCK_N, BLOCK_K, EVEN_K)
+            if BLOCK_M == 1:
+                acc += _gemv_24(v0, v1, code, x, G)
+            else:
+                acc = tl.dot(x, tl.trans(_expand_24(v0, v1, code, BLOCK_N, BLOCK_K)), acc)
+            vptr += BLOCK_K // 2
+            mptr += BLOCK_K // 32
+        else:
+            w = _decode_tile(vals_ptr, meta_ptr, widx, low, k0, KP, TPW, KV, CPW, W, EVEN_K, USE_POPC)
+            if BLOCK_M == 1:
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :, :]
+            else:
+                acc = tl.dot(x, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K))), acc)
+            widx += W
+        xptr += BLOCK_K
+        if not EVEN_K:
+            xk += BLOCK_K
+
     if BLOCK_M == 1:
-        res = tl.sum(acc, axis=1)[None, :]
+        if IDX24:
+            res = tl.sum(acc, axis=1)[None, :]
+        else:
+            res = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     else:
         res = acc
     out_mask = (rm < M)[:, None] & (rn < N)[None, :]
     out_off = rm[:, None] * N + rn[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            res += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            res += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
         tl.store(out_ptr + out_off, res.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(out_ptr + out_off, res, mask=out_mask)
@@ -147,12 +215,26 @@ def _sparse_mm_kernel(
 def _unpack_kernel(
     vals_ptr, meta_ptr, out_ptr, N, K, KP,
     IDX24: tl.constexpr, R: tl.constexpr, C: tl.constexpr, KV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_POPC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_POPC: tl.constexpr,
 ):
+    TPW: tl.constexpr = 32 // (R * C)
+    CPW: tl.constexpr = C * TPW
+    W: tl.constexpr = BLOCK_K // CPW
+    G: tl.constexpr = BLOCK_K // 4
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)
     k0 = tl.program_id(1) * BLOCK_K
+    if IDX24:
+        vptr = vals_ptr + rn_c[:, None] * (KP // 2) + (k0 // 2 + tl.arange(0, 2 * G))[None, :]
+        mptr = meta_ptr + rn_c[:, None] * (KP // 32) + (k0 // 32 + tl.arange(0, G // 8))[None, :]
+        v0, v1, code = _load_24(vptr, mptr, k0, KP, BLOCK_N, BLOCK_K, EVEN_K)
+        w = _expand_24(v0, v1, code, BLOCK_N, BLOCK_K)
+    else:
+        widx = (rn_c // R)[:, None] * (KP // CPW) + (k0 // CPW + tl.arange(0, W))[None, :]
+        low = _tile_low_bits(rn_c, R, C, CPW)
+        w = _decode_tile(vals_ptr, meta_ptr, widx, low, k0, KP, TPW, KV, CPW, W, EVEN_K, USE_POPC)
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
     rk = k0 + tl.arange(0, BLOCK_K)
-    w = _decode(vals_ptr, meta_ptr, rn, k0, N, KP, IDX24, R, C, KV, BLOCK_N, BLOCK_K, USE_POPC)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
 
 
@@ -168,10 +250,22 @@ class Config:
     num_stages: int = 3
 
 
-# (block_m or 0 = "by M", block_n, block_k, num_warps, num_stages) candidates per regime.
-_GEMV = [(1, 32, 256, 4, 3), (1, 16, 256, 4, 3), (1, 32, 128, 4, 4), (1, 64, 128, 4, 3), (1, 32, 512, 8, 2), (1, 64, 256, 8, 3)]
-_SMALL = [(0, 64, 128, 4, 3), (0, 32, 128, 4, 3), (0, 32, 256, 4, 3), (0, 64, 256, 4, 3), (0, 128, 128, 8, 3)]
-_LARGE = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 256, 32, 8, 3)]
+# (block_m or 0 = "by M", block_n, block_k, num_warps, num_stages) candidates per regime. The GEMV lists
+# were picked from sm_90 SASS compiled offline (no spills; ~4.8 instructions per weight for 2:4, ~12 for
+# 4x4:8, whose larger blocks spill); none of them has been timed on a GPU yet.
+_GEMV_24 = [
+    (1, 32, 256, 4, 3), (1, 16, 256, 4, 3), (1, 32, 128, 4, 3), (1, 64, 128, 4, 3), (1, 32, 512, 8, 2), (1, 64, 256, 8, 3),
+]
+_GEMV_TILE = [
+    (1, 64, 64, 4, 3), (1, 64, 128, 8, 3), (1, 128, 64, 8, 3), (1, 32, 128, 8, 3), (1, 32, 128, 4, 3), (1, 32, 64, 4, 3),
+]
+_SMALL_24 = [(0, 64, 128, 4, 3), (0, 32, 128, 4, 3), (0, 32, 256, 4, 3), (0, 64, 256, 4, 3), (0, 128, 128, 8, 3)]
+_LARGE_24 = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3), (128, 256, 32, 8, 3),
+]
+# Tile decode holds more per weight (rank, gather offsets): smaller tiles, which compile without spills.
+_SMALL_TILE = [(0, 64, 64, 4, 3), (0, 32, 64, 4, 3), (0, 32, 128, 4, 3), (0, 64, 64, 8, 3)]
+_LARGE_TILE = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3)]
 _TUNED: dict[tuple, Config] = {}
 
 
@@ -193,12 +287,13 @@ def _split_k(tiles: int, k_blocks: int, sms: int) -> int:
 
 def candidates(m: int, n: int, kp: int, lay: Layout, sms: int) -> list[Config]:
     """Configs worth timing for this problem (the first is the untuned default)."""
+    is24 = lay.fmt == "2:4"
     if m == 1:
-        table = _GEMV
+        table = _GEMV_24 if is24 else _GEMV_TILE
     elif m <= 64:
-        table = _SMALL
+        table = _SMALL_24 if is24 else _SMALL_TILE
     else:
-        table = _LARGE
+        table = _LARGE_24 if is24 else _LARGE_TILE
     out = []
     for bm, bn, bk, warps, stages in table:
         bm = bm or (16 if m <= 16 else 32 if m <= 32 else 64)
@@ -224,7 +319,7 @@ def _launch(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, cf
         m, n, k, packed.padded_k, x.stride(0),
         IDX24=lay.fmt == "2:4", R=lay.r, C=lay.c, KV=lay.kv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        HAS_BIAS=bias is not None, USE_POPC=not INTERPRET,
+        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, USE_POPC=not INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.split_k > 1:
@@ -278,6 +373,6 @@ def unpack(packed: PackedWeight, block_n: int = 64, block_k: int = 128) -> torch
     _unpack_kernel[grid](
         packed.values, packed.meta, out, n, k, packed.padded_k,
         IDX24=lay.fmt == "2:4", R=lay.r, C=lay.c, KV=lay.kv,
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_POPC=not INTERPRET,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, USE_POPC=not INTERPRET,
     )  # fmt: skip
     return out

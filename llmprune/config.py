@@ -34,6 +34,12 @@ class PruneConfig:
     batch_size: int = _opt(8, "calibration windows per block forward pass")
     offload_activations: bool = _opt(False, "keep calibration activations on the CPU between blocks")
     method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
+    stream: bool = _opt(False, "read blocks lazily from the checkpoint on disk and write the result block by block, "
+                               "so host memory holds about one block; needs --model DIR (safetensors) and --save")
+    work_dir: str | None = _opt(None, "persist every finished block here so a killed run can be continued "
+                                      "with --resume (removed when the run completes)")
+    resume: bool = _opt(False, "continue the run saved in --work-dir from its last finished block "
+                               "(starts afresh if there is none)")
 
     def resolved_pattern(self) -> Pattern:
         return parse_pattern(self.pattern, self.sparsity, self.granularity)
@@ -55,6 +61,8 @@ class PruneConfig:
             raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         if self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.resume and not self.work_dir:
+            raise LLMPruneError("--resume needs --work-dir (where the interrupted run saved its progress)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -2,21 +2,26 @@
 
 1. Capture the inputs of block 0 (hidden states plus every keyword argument the block needs) by
    running the model up to block 0 and stopping there.
-2. For each block: move it to the device, stream the calibration batches through it while forward
+2. For each block: bring it to the device, stream the calibration batches through it while forward
    hooks accumulate XᵀX (fp32) per distinct Linear input, prune every Linear with the chosen method,
-   re-run the pruned block to produce the next block's inputs, move it back.
+   re-run the pruned block to produce the next block's inputs, send it away.
+
+Where blocks come from and go to is a :class:`Blocks` object: :class:`InPlaceBlocks` for a model in
+memory, ``llmprune.stream`` for a checkpoint read from and written to disk block by block. With a work
+dir (``config.work_dir``) every finished block is persisted so a killed run resumes (``llmprune.resume``).
 
 Linears that read the same tensor (q/k/v, gate/up) share one XᵀX, found on the first batch.
 Peak device memory is about one block + its XᵀX matrices + the activations (on the host with
-``offload_activations``).
+``offload_activations``); activations stay in the model dtype, only one batch at a time is cast to fp32.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from .config import PruneConfig
 from .errors import LLMPruneError
 from .methods import METHODS, reconstruction_error
 from .models import find_blocks, find_linears, move_non_block_modules, to_device
+from .resume import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +68,25 @@ def capture_inputs(
     model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device
 ) -> Activations:
     """Run the model up to block 0 for every calibration batch and keep what block 0 receives."""
-    acts = Activations([])
     home = next(blocks[0].parameters()).device
+    move_non_block_modules(model, blocks, device)
+    blocks[0].to(device)
+    try:
+        return capture_first_block(model, blocks[0], ids, batch_size, device, store)
+    finally:
+        blocks[0].to(home)
+        move_non_block_modules(model, blocks, home)
+
+
+@torch.no_grad()
+def capture_first_block(
+    model: nn.Module, first: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device
+) -> Activations:
+    """The inputs of block ``first``, with whatever runs before it already on ``device``.
+
+    ``first`` itself never runs, so its weights may still be on the meta device.
+    """
+    acts = Activations([])
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
@@ -72,9 +95,7 @@ def capture_inputs(
         acts.kwargs.setdefault(hidden.shape[0], {k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
-    move_non_block_modules(model, blocks, device)
-    blocks[0].to(device)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in ids.split(batch_size):
             try:
@@ -83,8 +104,6 @@ def capture_inputs(
                 pass
     finally:
         handle.remove()
-        blocks[0].to(home)
-        move_non_block_modules(model, blocks, home)
     return acts
 
 
@@ -163,7 +182,7 @@ def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConf
     method = METHODS[config.method]
     if not torch.isfinite(xtx).all():
         raise LLMPruneError(f"{name}: calibration statistics XᵀX contain NaN/Inf (overflow in the activations?)")
-    w0 = lin.weight.data.to(torch.float32).clone()
+    w0 = lin.weight.detach().to(torch.float32, copy=True)  # one fp32 copy, whatever the model dtype
     try:
         result = method.fn(w0.clone(), xtx if method.needs_xtx else None, config.resolved_pattern(), config.method_config())
     except (FloatingPointError, torch.linalg.LinAlgError) as e:
@@ -171,7 +190,7 @@ def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConf
     if not torch.isfinite(result.weight).all():
         raise LLMPruneError(f"{name}: {config.method} produced NaN/Inf weights")
     lin.weight.data.copy_(result.weight.to(lin.weight.dtype))
-    sparsity = float((lin.weight.data == 0).float().mean())
+    sparsity = 1.0 - int(torch.count_nonzero(lin.weight)) / lin.weight.numel()
     err = reconstruction_error(w0, lin.weight.data.to(torch.float32), xtx)
     return LayerRecord(name, list(lin.weight.shape), sparsity, err, time.perf_counter() - t0)
 
@@ -204,41 +223,141 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneC
     return records
 
 
-def prune_model(model: nn.Module, calib: torch.Tensor, config: PruneConfig, quiet: bool = False) -> dict[str, Any]:
-    """Prune ``model`` in place, block by block, on calibration windows ``calib`` ``[n, seqlen]``.
+class Blocks(Protocol):
+    """Where the decoder blocks come from and where the pruned ones go."""
 
-    Returns the pruning part of the run record (per-layer sparsity and reconstruction error, timings).
-    """
+    def capture(self, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> Activations:
+        """The inputs of block 0 for the calibration windows ``ids``."""
+
+    def load(self, i: int, device: torch.device) -> None:
+        """Put dense block ``i`` on ``device``."""
+
+    def store(self, i: int) -> None:
+        """Block ``i`` is pruned (still on the device): keep it wherever the result goes."""
+
+    def release(self, i: int) -> None:
+        """Free the device (and host) memory of stored block ``i``."""
+
+    def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Block ``i`` was pruned by an earlier, interrupted run: keep its saved state dict."""
+
+
+class InPlaceBlocks:
+    """Blocks of a model in memory, pruned in place; each visits the device and goes back home."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        self.model, self.blocks = model, blocks
+        self.home = next(blocks[0].parameters()).device
+
+    def capture(self, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> Activations:
+        return capture_inputs(self.model, self.blocks, ids, batch_size, device, store)
+
+    def load(self, i: int, device: torch.device) -> None:
+        self.blocks[i].to(device)
+
+    def store(self, i: int) -> None:
+        self.blocks[i].to(self.home)
+
+    def release(self, i: int) -> None:
+        pass
+
+    def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.blocks[i].load_state_dict(tensors)
+
+
+def model_identity(model: nn.Module, blocks: nn.ModuleList) -> dict[str, Any]:
+    """Cheap identity of a model (no hashing of weights): class, where it was loaded from, size."""
+    return {"class": type(model).__name__, "source": str(getattr(model, "name_or_path", "")),
+            "blocks": len(blocks), "params": sum(p.numel() for p in model.parameters())}
+
+
+def fingerprint(config: PruneConfig, device: torch.device, model_id: dict[str, Any], calib: torch.Tensor) -> dict[str, Any]:
+    """What must be equal for a saved run to be resumed: every setting that changes the result."""
+    run_only = {"work_dir", "resume", "stream", "offload_activations", "data_dir", "device"}
+    ids = calib.detach().to("cpu", torch.int64).contiguous()
+    return {
+        "config": {k: v for k, v in config.to_dict().items() if k not in run_only},
+        "device": device.type,
+        "model": model_id,
+        "calib": {"shape": list(ids.shape), "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()},
+    }
+
+
+def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tensor, config: PruneConfig,
+               model_id: dict[str, Any], quiet: bool = False) -> tuple[dict[str, Any], WorkDir | None]:
+    """Prune every block through ``io``; returns the pruning record and the work dir (if any) to remove
+    once the caller's result is safe."""
     config.validate()
     device = resolve_device(config.device)
     store = torch.device("cpu") if config.offload_activations else device
-    prefix, blocks = find_blocks(model)
     n_targets = check_shapes(blocks, prefix, config)
-    home = next(blocks[0].parameters()).device  # blocks visit `device` one at a time and come back here
+    work = WorkDir(config.work_dir, fingerprint(config, device, model_id, calib)) if config.work_dir else None
+    state = work.start(config.resume) if work is not None else None
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
-    acts = capture_inputs(model, blocks, calib, config.batch_size, device, store)
-    t_capture = time.perf_counter() - t0
-    layers: list[LayerRecord] = []
-    block_seconds: list[float] = []
-    bar = tqdm(range(len(blocks)), desc=f"prune {config.method} {config.resolved_pattern()}", disable=quiet, unit="block")
+    if state is None:
+        done, layers, block_seconds, before = 0, [], [], 0.0
+        acts = io.capture(calib, config.batch_size, device, store)
+        t_capture = time.perf_counter() - t0
+    else:
+        done, saved = state["done"], state["record"]
+        layers, block_seconds, t_capture, before = saved["layers"], saved["blocks"], saved["capture"], saved["elapsed"]
+        raw = work.acts(done)
+        acts = Activations([x.to(store) for x in raw["batches"]], to_device(raw["kwargs"], device))
+        for i in range(done):
+            io.restore(i, work.block(i))
+        log.info("resuming from %s: %d of %d blocks already pruned", work.path, done, len(blocks))
+
+    def commit(k: int, block: dict[str, torch.Tensor] | None = None) -> None:
+        record = {"capture": t_capture, "blocks": block_seconds, "layers": layers,
+                  "elapsed": before + time.perf_counter() - t0}
+        work.commit(k, {"batches": acts.batches, "kwargs": acts.kwargs}, record, block)
+
+    if work is not None and state is None:
+        commit(0)
+    bar = tqdm(range(done, len(blocks)), desc=f"prune {config.method} {config.resolved_pattern()}", disable=quiet,
+               unit="block", initial=done, total=len(blocks))
     for i in bar:
         tb = time.perf_counter()
-        blocks[i].to(device)
-        layers += prune_block(blocks[i], f"{prefix}.{i}", acts, config, device)
-        blocks[i].to(home)
+        io.load(i, device)
+        layers += [r.__dict__ for r in prune_block(blocks[i], f"{prefix}.{i}", acts, config, device)]
+        io.store(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so the block's time is its own, not the next one's
         block_seconds.append(time.perf_counter() - tb)
-        bar.set_postfix(err=f"{sum(r.recon_error for r in layers[-8:]) / min(8, len(layers)):.4f}")
+        if work is not None:
+            commit(i + 1, blocks[i].state_dict())
+        io.release(i)
+        bar.set_postfix(err=f"{sum(r['recon_error'] for r in layers[-8:]) / min(8, len(layers)):.4f}")
         log.info("block %d done in %.1fs", i, block_seconds[-1])
     del acts
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
+    record = {
         "device": str(device),
         "blocks": len(blocks),
         "targets": n_targets,
-        "seconds": {"capture": t_capture, "blocks": block_seconds, "prune_total": time.perf_counter() - t0},
-        "layers": [r.__dict__ for r in layers],
-        "sparsity": sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / sum(r.shape[0] * r.shape[1] for r in layers),
+        "seconds": {"capture": t_capture, "blocks": block_seconds, "prune_total": before + time.perf_counter() - t0},
+        "layers": layers,
+        "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
+        / sum(r["shape"][0] * r["shape"][1] for r in layers),
     }
+    if state is not None:
+        record["resumed_from"] = done
+    return record, work
+
+
+def prune_model(model: nn.Module, calib: torch.Tensor, config: PruneConfig, quiet: bool = False) -> dict[str, Any]:
+    """Prune ``model`` in place, block by block, on calibration windows ``calib`` ``[n, seqlen]``.
+
+    Returns the pruning part of the run record (per-layer sparsity and reconstruction error, timings).
+    With ``config.work_dir`` the run can be resumed after a kill; the work dir is removed when it ends.
+    """
+    config.validate()
+    prefix, blocks = find_blocks(model)
+    record, work = run_blocks(prefix, blocks, InPlaceBlocks(model, blocks), calib, config,
+                              model_identity(model, blocks), quiet)
+    if work is not None:
+        work.remove()
+    return record

@@ -217,8 +217,9 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 
 @pytest.mark.parametrize("spec", ["2:4", "4x4:8", "4:8", "8x4:16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_unpack(tk, spec: str, dtype: torch.dtype) -> None:  # noqa: ANN001
-    w = pruned(64, 200 if spec != "8x4:16" else 196, spec, dtype, DEVICE)
+@pytest.mark.parametrize("k", [200, 256], ids=["padded-k", "even-k"])
+def test_triton_unpack(tk, spec: str, dtype: torch.dtype, k: int) -> None:  # noqa: ANN001
+    w = pruned(72, k - 4 * (spec == "8x4:16" and k == 200), spec, dtype, DEVICE)
     assert torch.equal(tk.unpack(pack(w, layout_for(spec))), w)
 
 
@@ -233,12 +234,14 @@ CONFIGS = {
 
 @pytest.mark.parametrize("spec", ["2:4", "4x4:8", "4:8"])
 @pytest.mark.parametrize("case", list(CONFIGS))
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_triton_sparse_mm(tk, spec: str, case: str, with_bias: bool) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("shape", [(64, 232), (48, 256)], ids=["padded-k", "even-k"])
+def test_triton_sparse_mm(tk, spec: str, case: str, shape: tuple[int, int]) -> None:  # noqa: ANN001
+    """232: K padded and the last K-block partial (masked loads); 48 x 256: rows past N, unmasked K."""
     m, cfg = CONFIGS[case]
-    w = pruned(64, 232, spec, torch.float16, DEVICE, seed=1)  # 232: K padded, last K-block partial
-    bias = torch.randn(64, device=DEVICE).half() if with_bias else None
-    x = torch.randn(m, 232, device=DEVICE).half()
+    n, k = shape
+    w = pruned(n, k, spec, torch.float16, DEVICE, seed=1)
+    bias = torch.randn(n, device=DEVICE).half() if k == 232 else None
+    x = torch.randn(m, k, device=DEVICE).half()
     y = tk.sparse_mm(x, pack(w, layout_for(spec)), bias, tk.Config(**cfg) if cfg else None)
     _check(y, x, w, bias)
 
@@ -293,7 +296,8 @@ def test_gpu_sparse_linear_paths(spec: str, kernel: str) -> None:
         pytest.skip("triton is not installed")
     w = pruned(512, 1024, spec, torch.float16, "cuda")
     bias = torch.randn(512, device="cuda").half()
-    mod = SparseLinear.from_weight(w, spec, bias, table=DispatchTable({layout_key(layout_for(spec)): {0: [(None, kernel)]}}))
+    table = DispatchTable({layout_key(layout_for(spec)): {0: [(None, kernel)]}})
+    mod = SparseLinear.from_weight(w, spec, bias, table=table)
     for m in (1, 7, 256, 1000):
         x = torch.randn(m, 1024, device="cuda").half()
         assert mod.kernel_for(x) == kernel

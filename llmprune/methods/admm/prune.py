@@ -5,6 +5,10 @@ ridge solve for W with the cached inverse of (H + ρI), projection of W + U onto
 update of U. Everything runs in the space normalised by the input-feature norms, where H has unit
 diagonal, so one ρ fits every layer. The mask is picked gradually from |W + U| with a cubic sparsity
 ramp, so early iterations can still move weight mass before it is cut.
+
+Beyond the paper (each measured in benchmarks/NOTES_admm.md): ρ starts small and grows geometrically
+to its final value over the ramp, so early mask choices follow the unconstrained optimum more closely,
+and once the mask is frozen the kept weights are re-solved exactly by masked conjugate gradient.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from ...patterns import Pattern
 from ..base import PruneResult, damped
+from .cg import masked_cg
 from .config import ADMMConfig
 
 
@@ -21,28 +26,53 @@ def ramp_sparsity(target: float, step: int, ramp_steps: int) -> float:
     return target - target * (1.0 - (step + 1) / ramp_steps) ** 3
 
 
+def rho_at(it: int, ramp_steps: int, config: ADMMConfig) -> float:
+    """ρ of iteration ``it``: ``rho_updates`` geometric steps from ``rho_start`` to ``rho`` within the ramp."""
+    k = config.rho_updates
+    if k == 0 or it >= ramp_steps:
+        return config.rho
+    stage = min(k, it * (k + 1) // ramp_steps)
+    return config.rho_start * (config.rho / config.rho_start) ** (stage / k)
+
+
+def _ridge_inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
+    shifted = h.clone()
+    shifted.diagonal().add_(rho)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info):
+        raise FloatingPointError(f"admm: XᵀX + ρI is not positive definite (ρ={rho:g}); are the activations finite?")
+    return torch.cholesky_inverse(factor)
+
+
 def admm_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: ADMMConfig) -> PruneResult:
     if xtx is None:
         raise ValueError("admm needs calibration statistics (XᵀX)")
+    pattern.check_shape(weight.shape)
     if pattern.sparsity == 0:
         return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
     norm = torch.diag(xtx).clamp_min(0).sqrt() + 1e-8
     h = damped(xtx / norm.unsqueeze(0) / norm.unsqueeze(1), config.percdamp)
     w = weight * norm.unsqueeze(0)
-    if config.iters == 0:
-        mask = pattern.project(w.abs())
-        return PruneResult((w * mask) / norm.unsqueeze(0), mask)
-
     target = w @ h  # (W₀ H) is the right-hand side of every ridge solve
-    h.diagonal().add_(config.rho)
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    # A ramp longer than the run would end with a mask short of the target sparsity.
+    ramp = min(config.ramp_steps, config.iters)
+    mask = pattern.project(w.abs()) if ramp == 0 else None
     u = torch.zeros_like(w)
-    mask = pattern.project(w.abs()) if config.ramp_steps == 0 else None
+    rho, h_inv = 0.0, None
     for it in range(config.iters):
-        if it < config.ramp_steps:
-            mask = pattern.project((w + u).abs(), ramp_sparsity(pattern.sparsity, it, config.ramp_steps))
+        new_rho = rho_at(it, ramp, config)
+        if new_rho != rho:
+            u = u * (rho / new_rho)  # U is the dual scaled by 1/ρ: keep the unscaled dual fixed
+            rho, h_inv = new_rho, _ridge_inverse(h, new_rho)
+        if it < ramp:
+            mask = pattern.project((w + u).abs(), ramp_sparsity(pattern.sparsity, it, ramp))
         z = (w + u) * mask
         u = u + (w - z)
-        w = (target + config.rho * (z - u)) @ h_inv
+        w = (target + rho * (z - u)) @ h_inv
     z = (w + u) * mask
-    return PruneResult(z / norm.unsqueeze(0), mask)
+    if config.final_cg_iters:
+        z = masked_cg(z, target, h, mask, config.final_cg_iters)
+    out = z / norm.unsqueeze(0)
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("admm produced non-finite weights (non-finite weights or activations?)")
+    return PruneResult(out, mask)

@@ -1,0 +1,154 @@
+"""A run killed mid-way continues from its work dir and ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmprune
+from llmprune import LLMPruneError, PruneConfig
+from llmprune.engine import InPlaceBlocks
+from llmprune.models import load_model
+from llmprune.stream import prune_checkpoint
+
+from .conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(0))
+LAYERS = 4
+
+# Prunes SRC into OUT with a work dir and stops at a chosen point, telling the test it got there; the test
+# then SIGKILLs it. os.replace is the commit primitive of every work-dir file, so that is where to stop.
+KILLED_RUN = textwrap.dedent("""
+    import os, sys, time, torch
+    torch.set_num_threads(1)
+    from llmprune import PruneConfig
+    from llmprune.stream import prune_checkpoint
+
+    src, out, work, calib, where = sys.argv[1:]
+    real_replace, commits = os.replace, []
+
+    def replace(tmp, dst):  # commits of state.json: capture, block 0, block 1, block 2, ...
+        if os.path.basename(dst) == "state.json":
+            commits.append(dst)
+            if where == "mid" and len(commits) == 4:  # block 2 and the next inputs are on disk, state is not
+                print("READY", flush=True)
+                time.sleep(600)
+        real_replace(tmp, dst)
+        if where == "after" and len(commits) == 3:  # block 1 fully committed
+            print("READY", flush=True)
+            time.sleep(600)
+
+    os.replace = replace
+    config = PruneConfig(method="admm", pattern="2:4", batch_size=4, work_dir=work)
+    prune_checkpoint(src, out, config, calib=torch.load(calib), quiet=True)
+    print("FINISHED", flush=True)
+""")
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Same thread count here and in the killed subprocess, so float reductions run in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny4")
+    tiny_model(num_hidden_layers=LAYERS).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(**kw) -> PruneConfig:
+    return PruneConfig(method="admm", pattern="2:4", batch_size=4, **kw)
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    sa, sb = llmprune.load(a).state_dict(), llmprune.load(b).state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.mark.parametrize("where", ["after", "mid"])
+def test_killed_stream_run_resumes_bit_identical(tmp_path, src, where):
+    work, calib = tmp_path / "work", tmp_path / "calib.pt"
+    torch.save(CALIB, calib)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(src), str(tmp_path / "out"), str(work), str(calib), where],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line == "READY\n", f"child did not reach the kill point: {line!r} {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "out").exists()
+    assert (work / "state.json").is_file() and (work / "block-00001.safetensors").is_file()
+    if where == "mid":  # stray files of the unfinished commit, which the resumed run must ignore
+        assert (work / "block-00002.safetensors").is_file() and list(work.glob(".state.json.*.tmp"))
+
+    record = prune_checkpoint(src, tmp_path / "out", _config(work_dir=str(work), resume=True), calib=CALIB, quiet=True)
+    assert record["resumed_from"] == 2 and len(record["seconds"]["blocks"]) == LAYERS
+    assert not work.exists()  # removed once the output is published
+    ref = prune_checkpoint(src, tmp_path / "ref", _config(), calib=CALIB, quiet=True)
+    _assert_same_checkpoint(tmp_path / "out", tmp_path / "ref")
+    assert [r["recon_error"] for r in record["layers"]] == [r["recon_error"] for r in ref["layers"]]
+
+
+def _interrupt_after_block(monkeypatch, n: int) -> None:
+    """Make the in-memory run die (KeyboardInterrupt) right after block ``n`` is committed."""
+    real = InPlaceBlocks.release
+
+    def release(self, i):
+        real(self, i)
+        if i == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(InPlaceBlocks, "release", release)
+
+
+def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch):
+    work = str(tmp_path / "work")
+    with monkeypatch.context() as m:
+        _interrupt_after_block(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
+
+    resumed, _ = load_model(str(src))
+    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True), calib=CALIB, quiet=True)
+    assert record["resumed_from"] == 2 and not Path(work).exists()
+    ref, _ = load_model(str(src))
+    llmprune.prune(ref, None, _config(), calib=CALIB, quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
+
+
+def test_resume_refuses_a_different_run(tmp_path, src, monkeypatch):
+    work = str(tmp_path / "work")
+    with monkeypatch.context() as m:
+        _interrupt_after_block(m, 0)
+        with pytest.raises(KeyboardInterrupt):
+            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
+
+    model, _ = load_model(str(src))
+    with pytest.raises(LLMPruneError, match="pass --resume"):
+        llmprune.prune(model, None, _config(work_dir=work), calib=CALIB, quiet=True)
+    with pytest.raises(LLMPruneError, match="config.method: saved 'admm', now 'wanda'"):
+        llmprune.prune(model, None, PruneConfig(method="wanda", pattern="2:4", batch_size=4, work_dir=work, resume=True),
+                       calib=CALIB, quiet=True)
+    with pytest.raises(LLMPruneError, match="calib.sha256"):
+        llmprune.prune(model, None, _config(work_dir=work, resume=True), calib=CALIB.flip(0), quiet=True)
+    with pytest.raises(LLMPruneError, match="needs --work-dir"):
+        _config(resume=True).validate()

@@ -1,0 +1,136 @@
+"""Pruning a checkpoint streamed from disk gives exactly what pruning the loaded model gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmprune
+from llmprune import LLMPruneError, PruneConfig
+from llmprune.engine import capture_inputs
+from llmprune.models import find_blocks, load_model
+from llmprune.shards import SafetensorsDir
+from llmprune.stream import StreamBlocks, prune_checkpoint, skeleton
+
+from .conftest import tiny_model
+
+CALIB = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(0))
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: threads only add contention on a shared machine (and results stay reproducible)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save(path: Path, tokenizer=None, shard: str = "1GB", dtype: torch.dtype = torch.float32, **kw) -> Path:
+    """A tiny random model saved like a hub checkpoint (``load_model`` also wants a tokenizer)."""
+    tiny_model(**kw).to(dtype).save_pretrained(path, max_shard_size=shard)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gemma3_text", torch.float32)])
+def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dtype):
+    src = _save(tmp_path / "m", tokenizer, arch=arch, dtype=dtype)
+    model, _ = load_model(str(src))
+    _, blocks = find_blocks(model)
+    ref = capture_inputs(model, blocks, CALIB, 4, CPU, CPU)
+
+    shards = SafetensorsDir(src)
+    lazy = skeleton(src, shards)
+    prefix, lazy_blocks = find_blocks(lazy)
+    acts = StreamBlocks(lazy, prefix, lazy_blocks, shards, None, None, []).capture(CALIB, 4, CPU, CPU)
+    assert len(acts.batches) == 2 and all(torch.equal(a, b) for a, b in zip(acts.batches, ref.batches))
+    assert acts.batches[0].dtype == dtype
+    assert acts.kwargs.keys() == ref.kwargs.keys()
+    for size, kwargs in ref.kwargs.items():
+        assert kwargs.keys() == acts.kwargs[size].keys()
+        flat = [(a, b) for k in kwargs for a, b in zip(torch.utils._pytree.tree_leaves(kwargs[k]),
+                                                       torch.utils._pytree.tree_leaves(acts.kwargs[size][k]))]
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in flat)
+    assert all(p.is_meta for p in lazy.parameters())  # what capture read is dropped again
+
+
+@pytest.mark.parametrize("method,pattern,sparsity,layout", [
+    ("admm", "2:4", None, dict(shard="40KB", tie_word_embeddings=True)),  # sharded, tied embeddings
+    ("wanda", "unstructured", 0.5, dict(num_hidden_layers=3)),  # single file
+])
+def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, sparsity, layout):
+    src = _save(tmp_path / "m", tokenizer, **layout)
+    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, batch_size=4)
+    model, _ = load_model(str(src))
+    ref = llmprune.prune(model, None, config, calib=CALIB, quiet=True)
+    record = prune_checkpoint(src, tmp_path / "out", config, calib=CALIB, quiet=True)
+
+    pruned = llmprune.load(tmp_path / "out")
+    got, want = pruned.state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in rec["layers"]] for rec in (record, ref)]
+    assert untimed[0] == untimed[1]
+    saved = json.loads((tmp_path / "out" / "llmprune_run.json").read_text())
+    assert len(saved["prune"]["seconds"]["blocks"]) == len(find_blocks(model)[1])
+
+
+def _shards(src: Path) -> list[Path]:
+    return sorted(src.glob("model-*.safetensors"))
+
+
+def _truncate_tail(src: Path) -> None:
+    path = _shards(src)[1]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _truncate_header(src: Path) -> None:
+    _shards(src)[0].write_bytes(b"\x10\x00")
+
+
+def _drop_from_index(src: Path) -> None:
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda src: _shards(src)[-1].unlink(), "shard listed in .* is missing"),
+    (_truncate_tail, "truncated or corrupt shard: header promises"),
+    (_truncate_header, "truncated shard"),
+    (_drop_from_index, "model.layers.1.mlp.up_proj.weight: missing from the checkpoint"),
+    (lambda src: (src / "model.safetensors.index.json").unlink(), "no model.safetensors"),
+])
+def test_damaged_checkpoint_is_refused_before_pruning(tmp_path, monkeypatch, sharded, damage, message):
+    src = tmp_path / "m"
+    shutil.copytree(sharded, src)
+    damage(src)
+
+    def never(*_a, **_k):
+        raise AssertionError("pruning started")
+
+    monkeypatch.setattr("llmprune.stream.run_blocks", never)
+    with pytest.raises(LLMPruneError, match=message):
+        prune_checkpoint(src, tmp_path / "out", PruneConfig(pattern="2:4"), calib=CALIB, quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no output, no temp folder left behind
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A sharded tiny checkpoint for the damage tests (each damages its own copy)."""
+    return _save(tmp_path_factory.mktemp("sharded"), shard="40KB")
+
+
+def test_existing_output_is_refused_before_pruning(tmp_path, monkeypatch):
+    src = _save(tmp_path / "m")
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr("llmprune.stream.run_blocks", lambda *a, **k: pytest.fail("pruning started"))
+    with pytest.raises(LLMPruneError, match="already exists"):
+        prune_checkpoint(src, tmp_path / "out", PruneConfig(pattern="2:4"), calib=CALIB, quiet=True)
