@@ -6,6 +6,7 @@ from .api import evaluate, prune  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
 from .models import load_model  # noqa: E402
+from .stream import prune_checkpoint  # noqa: E402
 
 
 def load(path: str, **kwargs):  # noqa: ANN201
@@ -15,4 +16,4 @@ def load(path: str, **kwargs):  # noqa: ANN201
     return _load(path, **kwargs)
 
 
-__all__ = ["PruneConfig", "LLMPruneError", "evaluate", "load", "load_model", "prune", "__version__"]
+__all__ = ["PruneConfig", "LLMPruneError", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]

@@ -109,6 +109,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                               "config": config.to_dict(), "seconds": {}, "ppl": {}}
     sec = record["seconds"]
 
+    if config.stream:
+        return _run_streamed(args, config, record)
     t = time.perf_counter()
     model, tokenizer = load_model(source, args.dtype)
     sec["load"] = time.perf_counter() - t
@@ -137,6 +139,28 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})
         sec["save"] = time.perf_counter() - t
     if args.report:
+        write_json_atomic(args.report, record)
+    return record
+
+
+def _run_streamed(args: argparse.Namespace, config: PruneConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """``--stream``: blocks are read from the checkpoint on disk and written out one at a time."""
+    from .stream import prune_checkpoint
+
+    if not args.model or not Path(args.model).is_dir():
+        raise LLMPruneError("--stream needs --model DIR (a safetensors checkpoint directory)")
+    if not args.save:
+        raise LLMPruneError("--stream needs --save DIR: the pruned blocks are written out as they are done")
+    if args.eval:
+        raise LLMPruneError("--stream does not evaluate (the model is never whole in memory); "
+                            "evaluate the saved checkpoint with llmprune.load + llmprune.evaluate")
+    t = time.perf_counter()
+    record["prune"] = prune_checkpoint(args.model, args.save, config, fmt=args.format, overwrite=args.overwrite,
+                                       dtype=args.dtype, quiet=args.quiet, run_record=record)
+    record["seconds"]["prune_and_save"] = time.perf_counter() - t
+    if args.report:
+        from .report import write_json_atomic
+
         write_json_atomic(args.report, record)
     return record
 

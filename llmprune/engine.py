@@ -189,7 +189,8 @@ def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConf
         raise LLMPruneError(f"{name}: {config.method} failed numerically: {e}") from e
     if not torch.isfinite(result.weight).all():
         raise LLMPruneError(f"{name}: {config.method} produced NaN/Inf weights")
-    lin.weight.data.copy_(result.weight.to(lin.weight.dtype))
+    # masked_fill turns the -0.0 that W * mask leaves into +0.0, so checkpoints round-trip bit-exactly.
+    lin.weight.data.copy_(result.weight.masked_fill(~result.mask, 0.0).to(lin.weight.dtype))
     sparsity = 1.0 - int(torch.count_nonzero(lin.weight)) / lin.weight.numel()
     err = reconstruction_error(w0, lin.weight.data.to(torch.float32), xtx)
     return LayerRecord(name, list(lin.weight.shape), sparsity, err, time.perf_counter() - t0)

@@ -94,6 +94,9 @@ class SafetensorsDir:
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.file[name], []).append(name)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # safetensors wants an explicit index
+            device = torch.device("cuda", torch.cuda.current_device())
         out: dict[str, torch.Tensor] = {}
         for shard, group in by_file.items():
             try:

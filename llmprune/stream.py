@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import PruneConfig
 from .data import calibration_windows
-from .engine import Activations, capture_first_block, model_identity, run_blocks
+from .engine import Activations, capture_first_block, check_shapes, model_identity, run_blocks
 from .errors import LLMPruneError
 from .export import CheckpointWriter
 from .models import DTYPES, find_blocks, find_linears
@@ -91,7 +91,7 @@ class StreamBlocks:
         self.model, self.prefix, self.blocks, self.src, self.writer = model, prefix, blocks, src, writer
         self.pattern, self.skip = pattern, skip
         self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
-        self.stored = stored_names(model)  # now: the capture unties tied parameters of the skeleton
+        self.stored = stored_names(model)  # before capture, which unties the skeleton's tied parameters
         inside = {id(m) for b in blocks for m in b.modules()}
         self.outside = [m for m in model.modules() if id(m) not in inside]
 
@@ -182,16 +182,16 @@ def prune_checkpoint(
     model = skeleton(src_path, src, dtype)
     check_complete(model, src)
     prefix, blocks = find_blocks(model)
+    check_shapes(blocks, prefix, config)  # refuse impossible patterns before reading any data
     tokenizer = tokenizer if tokenizer is not None else _tokenizer(src_path)
-    if calib is None:
-        if tokenizer is None:
-            raise LLMPruneError(f"{src_path} has no tokenizer: pass one, or calibration token ids")
-        calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                    config.data_dir)
-    pattern = config.resolved_pattern()
-    t_open = time.perf_counter() - t0
-    with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:
-        io = StreamBlocks(model, prefix, blocks, src, writer, pattern, config.skip)
+    with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:  # refuses an existing out_dir
+        if calib is None:
+            if tokenizer is None:
+                raise LLMPruneError(f"{src_path} has no tokenizer: pass one, or calibration token ids")
+            calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
+                                        config.data_dir)
+        t_prepare = time.perf_counter() - t0
+        io = StreamBlocks(model, prefix, blocks, src, writer, config.resolved_pattern(), config.skip)
         record, work = run_blocks(prefix, blocks, io, calib, config, model_identity(model, blocks), quiet)
         t1 = time.perf_counter()
         io.copy_outside()
@@ -200,7 +200,7 @@ def prune_checkpoint(
         targets = {layer["name"] + ".weight" for layer in record["layers"]}
         ignore = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in targets]
         generation = GenerationConfig.from_pretrained(src_path) if (src_path / "generation_config.json").is_file() else None
-        record["seconds"]["open"] = t_open
+        record["seconds"]["prepare"] = t_prepare
         run = json.dumps({**(run_record or {}), "prune": record}, indent=2, default=str)
         writer.finish(out_config, tokenizer, {"ignore": ignore}, {"llmprune_run.json": run}, generation)
     if work is not None:

@@ -100,3 +100,16 @@ def test_exit_code_through_python_m():
     proc = subprocess.run([sys.executable, "-m", "llmprune", "--pattern", "3:2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["llmprune: error: pattern 3:2: need 0 < N <= M"]
+
+
+def test_stream_needs_save(capsys, tiny_model_dir):
+    _fails(capsys, _tiny(tiny_model_dir, "--stream"), "--stream needs --save")
+
+
+def test_streamed_run_saves_a_checkpoint_that_inspects_clean(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "streamed"
+    assert main(_tiny(tiny_model_dir, "--stream", "--calib", str(text_file), "--pattern", "2:4", "--save", str(out))) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "2:4" in capsys.readouterr().out
+    assert json.loads((out / "llmprune_run.json").read_text())["config"]["stream"] is True

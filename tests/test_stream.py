@@ -82,6 +82,13 @@ def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, 
     assert len(saved["prune"]["seconds"]["blocks"]) == len(find_blocks(model)[1])
 
 
+def test_calibration_text_and_tokenizer_come_from_the_checkpoint(tmp_path, tokenizer, text_file):
+    src = _save(tmp_path / "m", tokenizer)
+    config = PruneConfig(method="wanda", pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32)
+    record = prune_checkpoint(src, tmp_path / "out", config, quiet=True)
+    assert record["sparsity"] == 0.5 and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
 def _shards(src: Path) -> list[Path]:
     return sorted(src.glob("model-*.safetensors"))
 
@@ -134,3 +141,19 @@ def test_existing_output_is_refused_before_pruning(tmp_path, monkeypatch):
     monkeypatch.setattr("llmprune.stream.run_blocks", lambda *a, **k: pytest.fail("pruning started"))
     with pytest.raises(LLMPruneError, match="already exists"):
         prune_checkpoint(src, tmp_path / "out", PruneConfig(pattern="2:4"), calib=CALIB, quiet=True)
+
+
+def test_scale_benchmark_runs_on_a_tiny_shape(tmp_path):
+    """benchmarks/scale.py end to end on CPU: random checkpoint, one pruning run in a worker, a labelled row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    out = tmp_path / "scale.json"
+    assert scale.main(["--shape", "tiny", "--runs", "wanda@2:4", "--blocks", "2", "--nsamples", "4", "--seqlen", "32",
+                       "--device", "cpu", "--quiet", "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["device"].startswith("cpu") and row["peak_gpu_gib"] is None and row["peak_host_gib"] > 0
+    assert (row["blocks"], row["blocks_total"], row["pattern"], row["sparsity"]) == (2, 4, "2:4", 0.5)
+    assert len(row["block_seconds"]) == 2 and row["est_full_seconds"] > row["prune_seconds"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def masked_cg(w: torch.Tensor, target: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+def masked_cg(
+    w: torch.Tensor, target: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, iters: int
+) -> torch.Tensor:
     """Minimise ``tr((W − W₀) H (W − W₀)ᵀ)`` over ``W`` that is zero outside ``mask``, from ``w``.
 
     ``target = W₀ H``. Rows are independent problems ``H_SS w_S = (W₀H)_S``; plain conjugate

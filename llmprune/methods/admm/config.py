@@ -18,18 +18,22 @@ class ADMMConfig:
     ramp_steps: int = field(
         default=30, metadata={"help": "iterations over which sparsity ramps up cubically (0: full mask at once)"}
     )
-    rho: float = field(default=1.0, metadata={"help": "ADMM penalty ρ of the ridge solve (XᵀX + ρI) once the ramp ends"})
+    rho: float = field(
+        default=1.0, metadata={"help": "ADMM penalty ρ of the ridge solve (XᵀX + ρI) once the ramp ends"}
+    )
     rho_start: float = field(
-        default=0.05, metadata={"help": "ρ at the first iteration, raised geometrically to rho over the ramp (= rho: constant)"}
+        default=0.05, metadata={"help": "ρ at the first iteration, raised geometrically to rho over the ramp"}
     )
     rho_updates: int = field(
-        default=6, metadata={"help": "how many times ρ is raised during the ramp; each costs one Cholesky factorisation"}
+        default=6, metadata={"help": "times ρ is raised during the ramp, one Cholesky each (0: constant rho)"}
     )
     final_cg_iters: int = field(
         default=10,
-        metadata={"help": "conjugate-gradient iterations re-solving the kept weights on the final mask (0: paper's last iterate)"},
+        metadata={"help": "conjugate-gradient iterations re-solving the kept weights on the final mask (0: none)"},
     )
-    percdamp: float = field(default=0.1, metadata={"help": "damping added to XᵀX, as a fraction of its mean diagonal"})
+    percdamp: float = field(
+        default=0.1, metadata={"help": "damping added to XᵀX, as a fraction of its mean diagonal"}
+    )
 
     def __post_init__(self) -> None:
         if min(self.iters, self.ramp_steps, self.rho_updates, self.final_cg_iters) < 0:

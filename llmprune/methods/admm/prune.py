@@ -27,7 +27,7 @@ def ramp_sparsity(target: float, step: int, ramp_steps: int) -> float:
 
 
 def rho_at(it: int, ramp_steps: int, config: ADMMConfig) -> float:
-    """ρ of iteration ``it``: ``rho_updates`` geometric steps from ``rho_start`` to ``rho`` within the ramp."""
+    """ρ of iteration ``it``: ``rho_updates`` geometric steps from ``rho_start`` to ``rho`` over the ramp."""
     k = config.rho_updates
     if k == 0 or it >= ramp_steps:
         return config.rho
@@ -40,11 +40,13 @@ def _ridge_inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
     shifted.diagonal().add_(rho)
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info):
-        raise FloatingPointError(f"admm: XᵀX + ρI is not positive definite (ρ={rho:g}); are the activations finite?")
+        raise FloatingPointError(f"admm: XᵀX + ρI is not positive definite (ρ={rho:g}); non-finite activations?")
     return torch.cholesky_inverse(factor)
 
 
-def admm_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: ADMMConfig) -> PruneResult:
+def admm_prune(
+    weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: ADMMConfig
+) -> PruneResult:
     if xtx is None:
         raise ValueError("admm needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape)
@@ -60,12 +62,14 @@ def admm_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern,
     u = torch.zeros_like(w)
     rho, h_inv = 0.0, None
     for it in range(config.iters):
+        if it < ramp:
+            mask = pattern.project((w + u).abs(), ramp_sparsity(pattern.sparsity, it, ramp))
+        # ρ rises after the mask is picked: scoring with U still scaled for the smaller ρ measured
+        # better than rescaling first (NOTES_admm.md).
         new_rho = rho_at(it, ramp, config)
         if new_rho != rho:
             u = u * (rho / new_rho)  # U is the dual scaled by 1/ρ: keep the unscaled dual fixed
             rho, h_inv = new_rho, _ridge_inverse(h, new_rho)
-        if it < ramp:
-            mask = pattern.project((w + u).abs(), ramp_sparsity(pattern.sparsity, it, ramp))
         z = (w + u) * mask
         u = u + (w - z)
         w = (target + rho * (z - u)) @ h_inv

@@ -21,7 +21,7 @@ def _inverse_cholesky(xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian."""
     factor, info = torch.linalg.cholesky_ex(damped(xtx, percdamp))
     if int(info):
-        raise FloatingPointError(f"XᵀX is not positive definite even with percdamp={percdamp}; raise --sparsegpt-percdamp")
+        raise FloatingPointError(f"sparsegpt: XᵀX is not positive definite with percdamp={percdamp}; raise it")
     return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
 
@@ -51,7 +51,7 @@ def sparsegpt_prune(
     pattern.check_shape(weight.shape)
     if pattern.sparsity == 0:
         return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
-    out_f, in_f = weight.shape
+    in_f = weight.shape[1]
     w = weight.clone()
     h = xtx.clone()
     # A feature never seen in calibration has no curvature: make its Hessian row harmless and let its
@@ -85,5 +85,5 @@ def sparsegpt_prune(
         w[:, i1:i2] = w1.masked_fill(p1, 0.0)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if not torch.isfinite(w).all():
-        raise FloatingPointError("sparsegpt produced non-finite weights (XᵀX badly conditioned? raise percdamp)")
+        raise FloatingPointError("sparsegpt produced non-finite weights (non-finite inputs, or raise percdamp)")
     return PruneResult(w, ~pruned)
