@@ -33,6 +33,8 @@ class PruneConfig:
     device: str = _opt("auto", "compute device for one block at a time: auto, cpu, cuda, cuda:1, ...")
     batch_size: int = _opt(8, "calibration windows per block forward pass")
     offload_activations: bool = _opt(False, "keep calibration activations on the CPU between blocks")
+    sequential: bool = _opt(False, "prune a block's Linears group by group in execution order (q/k/v, o, gate/up, "
+                                   "down), each seeing the already-pruned ones' outputs; one extra pass per group")
     method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
     stream: bool = _opt(False, "read blocks lazily from the checkpoint on disk and write the result block by block, "
                                "so host memory holds about one block; needs --model DIR (safetensors) and --save")

@@ -210,15 +210,29 @@ def check_shapes(blocks: nn.ModuleList, prefix: str, config: PruneConfig) -> int
 
 
 @torch.no_grad()
-def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneConfig, device: torch.device) -> list[LayerRecord]:
-    """Prune every target Linear of one block (already on ``device``) and advance the activations."""
-    linears = find_linears(block, prefix, config.skip)
+def _collect(block: nn.Module, linears: dict[str, nn.Linear], acts: Activations, device: torch.device) -> XtXCollector:
     collector = XtXCollector(linears, device)
     try:
         run_block(block, acts, device, replace=False, collector=collector)
     finally:
         collector.remove()
-    records = [prune_linear(name, lin, collector.get(name), config) for name, lin in linears.items()]
+    return collector
+
+
+def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneConfig, device: torch.device) -> list[LayerRecord]:
+    """Prune every target Linear of one block (already on ``device``) and advance the activations.
+
+    With ``config.sequential`` the groups of Linears sharing an input (q/k/v, o, gate/up, down) are
+    pruned in execution order, each from statistics taken through the already-pruned earlier groups,
+    so every layer compensates for the error upstream of it (one extra forward pass per group).
+    """
+    linears = find_linears(block, prefix, config.skip)
+    collector = _collect(block, linears, acts, device)
+    records: list[LayerRecord] = []
+    for k, group in enumerate(collector.groups()):
+        if config.sequential and k > 0:
+            collector = _collect(block, {n: linears[n] for n in group}, acts, device)
+        records += [prune_linear(n, linears[n], collector.get(n), config) for n in group]
     del collector
     run_block(block, acts, device, replace=True)
     return records

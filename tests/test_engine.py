@@ -137,3 +137,16 @@ def test_tile_pattern_on_indivisible_shape_is_refused_before_work():
     with pytest.raises(LLMPruneError, match="not divisible"):
         _prune(model, method="admm", pattern="4x4:8")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sequential_prunes_later_groups_from_pruned_inputs():
+    plain, seq = tiny_model(), tiny_model()
+    _prune(plain, method="admm", pattern="2:4")
+    record = _prune(seq, method="admm", pattern="2:4", sequential=True)
+    assert record["sparsity"] == pytest.approx(0.5)
+    first, later = seq.model.layers[0].self_attn, seq.model.layers[0]
+    # q/k/v see the block input either way; o_proj and the MLP see the pruned attention's outputs
+    assert torch.equal(first.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(later.self_attn.o_proj.weight, plain.model.layers[0].self_attn.o_proj.weight)
+    assert not torch.equal(later.mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight)
+    assert parse_pattern("2:4").violations(later.mlp.down_proj.weight) == 0
