@@ -93,3 +93,13 @@ def smollm2():
 
     torch.set_num_threads(os.cpu_count() or 1)
     return load_model(str(path))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: extra threads only add contention on a shared 2-core machine, and one thread keeps
+    float reductions in the same order across processes (the resume test compares bit for bit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -12,6 +11,8 @@ from llmprune.methods import METHODS, reconstruction_error
 from llmprune.methods.admm import ADMMConfig, admm_prune
 from llmprune.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from llmprune.patterns import Pattern, count, parse_pattern
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 Layer = tuple[torch.Tensor, torch.Tensor]  # weight, XᵀX
 
@@ -38,13 +39,6 @@ def _layer(out_f: int = 64, in_f: int = 128, tokens: int = 2048, seed: int = 0) 
     return w, x.T @ x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The matrices are tiny: extra threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

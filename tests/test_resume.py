@@ -20,6 +20,8 @@ from llmprune.stream import prune_checkpoint
 
 from .conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(0))
 LAYERS = 4
@@ -54,13 +56,6 @@ KILLED_RUN = textwrap.dedent("""
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Same thread count here and in the killed subprocess, so float reductions run in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,12 @@ from llmprune.stream import StreamBlocks, prune_checkpoint, skeleton
 
 from .conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CALIB = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(0))
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: threads only add contention on a shared machine (and results stay reproducible)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _save(path: Path, tokenizer=None, shard: str = "1GB", dtype: torch.dtype = torch.float32, **kw) -> Path:
