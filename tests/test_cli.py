@@ -113,3 +113,11 @@ def test_streamed_run_saves_a_checkpoint_that_inspects_clean(capsys, tmp_path, t
     assert main(["inspect", str(out)]) == 0
     assert "2:4" in capsys.readouterr().out
     assert json.loads((out / "llmprune_run.json").read_text())["config"]["stream"] is True
+
+
+def test_help_lists_generated_method_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--admm-rho-start" in out and "--sparsegpt-blocksize" in out and "--resume" in out
