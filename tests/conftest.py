@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in triton's interpreter. Triton reads TRITON_INTERPRET when its
+# kernels are defined, and transformers imports triton, so set it before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WORDS = "the of and to in a is was for on as with by at from his that it an were are which this be or".split()
 
