@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern
-from ..base import PruneResult, damped
+from ..base import PruneResult, damped, spd_inverse
 from .cg import masked_cg
 from .config import ADMMConfig
 
@@ -38,10 +38,7 @@ def rho_at(it: int, ramp_steps: int, config: ADMMConfig) -> float:
 def _ridge_inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
     shifted = h.clone()
     shifted.diagonal().add_(rho)
-    factor, info = torch.linalg.cholesky_ex(shifted)
-    if int(info):
-        raise FloatingPointError(f"admm: XᵀX + ρI is not positive definite (ρ={rho:g}); non-finite activations?")
-    return torch.cholesky_inverse(factor)
+    return spd_inverse(shifted, f"admm: XᵀX + ρI (ρ={rho:g}; non-finite activations?)")
 
 
 def admm_prune(

@@ -13,16 +13,14 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern, count
-from ..base import PruneResult, damped
+from ..base import PruneResult, damped, spd_inverse
 from .config import SparseGPTConfig
 
 
 def _inverse_cholesky(xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian."""
-    factor, info = torch.linalg.cholesky_ex(damped(xtx, percdamp))
-    if int(info):
-        raise FloatingPointError(f"sparsegpt: XᵀX is not positive definite with percdamp={percdamp}; raise it")
-    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    h_inv = spd_inverse(damped(xtx, percdamp), f"sparsegpt: XᵀX damped by percdamp={percdamp} (raise it)")
+    return torch.linalg.cholesky(h_inv, upper=True)
 
 
 def _unstructured_block_mask(scores: torch.Tensor, pattern: Pattern, i1: int, i2: int) -> torch.Tensor:
