@@ -103,8 +103,8 @@ def test_killed_stream_run_resumes_bit_identical(tmp_path, src, where):
     assert [r["recon_error"] for r in record["layers"]] == [r["recon_error"] for r in ref["layers"]]
 
 
-def _interrupt_after_block(monkeypatch, n: int) -> None:
-    """Make the in-memory run die (KeyboardInterrupt) right after block ``n`` is committed."""
+def _interrupted_run(monkeypatch, src: Path, work: str, n: int) -> None:
+    """An in-memory run with a work dir that dies (KeyboardInterrupt) right after block ``n`` is committed."""
     real = InPlaceBlocks.release
 
     def release(self, i):
@@ -112,15 +112,15 @@ def _interrupt_after_block(monkeypatch, n: int) -> None:
         if i == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(InPlaceBlocks, "release", release)
+    with monkeypatch.context() as m:
+        m.setattr(InPlaceBlocks, "release", release)
+        with pytest.raises(KeyboardInterrupt):
+            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
 
 
 def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch):
     work = str(tmp_path / "work")
-    with monkeypatch.context() as m:
-        _interrupt_after_block(m, 1)
-        with pytest.raises(KeyboardInterrupt):
-            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
+    _interrupted_run(monkeypatch, src, work, 1)
 
     resumed, _ = load_model(str(src))
     record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True), calib=CALIB, quiet=True)
@@ -132,10 +132,7 @@ def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch):
 
 def test_resume_refuses_a_different_run(tmp_path, src, monkeypatch):
     work = str(tmp_path / "work")
-    with monkeypatch.context() as m:
-        _interrupt_after_block(m, 0)
-        with pytest.raises(KeyboardInterrupt):
-            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
+    _interrupted_run(monkeypatch, src, work, 0)
 
     model, _ = load_model(str(src))
     with pytest.raises(LLMPruneError, match="pass --resume"):
