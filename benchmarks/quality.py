@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--options", default="{}", help='JSON method options, e.g. \'{"admm": {"iters": 40}}\'')
+    p.add_argument("--config", default="{}", help='JSON PruneConfig fields, e.g. \'{"sequential": true}\'')
     p.add_argument("--variant", default="default", help="label stored with the rows (for ablations)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--force", action="store_true", help="recompute rows already in --out")
@@ -56,6 +57,7 @@ def main() -> None:
 
     env = environment()
     options = json.loads(args.options)
+    extra = json.loads(args.config)
     device = str(resolve_device(args.device))
     source = args.model or default_model()
     model, tokenizer = load_model(source)
@@ -71,10 +73,12 @@ def main() -> None:
 
     def measured(method: str, label: str) -> dict | None:
         want = dict(base, method=method, pattern=label)
-        hits = [r for r in rows if all(r.get(k) == want.get(k) for k in KEY if k != "sparsity")]
+        ignore = {"sparsity", "variant"} if method == "dense" else {"sparsity"}  # dense is the same for every variant
+        hits = [r for r in rows if all(r.get(k) == want.get(k) for k in KEY if k not in ignore)]
         return None if args.force or not hits else hits[-1]
 
     def record(row: dict) -> None:
+        row = dict(row, command=command)  # rows of several commands share the file
         rows[:] = [r for r in rows if tuple(r.get(k) for k in KEY) != tuple(row.get(k) for k in KEY)] + [row]
         write_json_atomic(out, {"command": command, "env": env, "rows": rows})
 
@@ -88,33 +92,39 @@ def main() -> None:
             raise SystemExit(f"unknown method {method}")
         for label in args.patterns.split(","):
             if (row := measured(method, label)) is None:
-                row = run_one(model, tokenizer, calib, method, label, args, options.get(method, {}), eval_kw, base, device)
+                row = run_one(model, tokenizer, calib, method, label, args, options.get(method, {}), extra, eval_kw, base,
+                              device)
                 record(row)
             done.append(row)
             print(f"{method} {label}: ppl {row['ppl']['wikitext2']:.2f}  prune {row['prune_seconds']:.1f}s", flush=True)
     print(table(done))
 
 
-def run_one(model, tokenizer, calib, method, label, args, options, eval_kw, base, device) -> dict:  # noqa: ANN001
+def run_one(model, tokenizer, calib, method, label, args, options, extra, eval_kw, base, device) -> dict:  # noqa: ANN001
     """Prune a copy of ``model`` with one method and pattern; evaluate it."""
     pattern, sparsity = PATTERNS[label]
     pruned = copy.deepcopy(model)
     cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, device=args.device,
-                      batch_size=args.batch_size, method_options=options)
+                      batch_size=args.batch_size, method_options=options, **extra)
     t = time.perf_counter()
     result = prune(pruned, tokenizer, cfg, calib=calib, quiet=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     ppl = evaluate(pruned, tokenizer, **eval_kw)
-    return dict(base, method=method, pattern=label, sparsity=result["sparsity"], ppl=ppl, prune_seconds=seconds, options=options)
+    return dict(base, method=method, pattern=label, sparsity=result["sparsity"], ppl=ppl, prune_seconds=seconds, options=options,
+                config=extra)
 
 
 def table(rows: list[dict]) -> str:
     labels = [label for label in PATTERNS if any(r["pattern"] == label for r in rows)]
+
+    def name(r: dict) -> str:
+        return r["method"] if r["method"] == "dense" or r["variant"] == "default" else f"{r['method']} [{r['variant']}]"
+
     body = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        by = {r["pattern"]: r for r in rows if r["method"] == method}
+    for method in dict.fromkeys(map(name, rows)):
+        by = {r["pattern"]: r for r in rows if name(r) == method}
         if method == "dense":
             body.append(["dense", *[f"{by['dense']['ppl']['wikitext2']:.2f}"] * len(labels), "-"])
             continue

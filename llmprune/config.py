@@ -35,6 +35,9 @@ class PruneConfig:
     offload_activations: bool = _opt(False, "keep calibration activations on the CPU between blocks")
     sequential: bool = _opt(False, "prune a block's Linears group by group in execution order (q/k/v, o, gate/up, "
                                    "down), each seeing the already-pruned ones' outputs; one extra pass per group")
+    dense_targets: bool = _opt(False, "fit each pruned Linear, fed the pruned model's inputs, to the dense model's "
+                                      "outputs (a second, dense activation stream), so every layer corrects the "
+                                      "error upstream of it; implies --sequential (admm, sparsegpt)")
     method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
     stream: bool = _opt(False, "read blocks lazily from the checkpoint on disk and write the result block by block, "
                                "so host memory holds about one block; needs --model DIR (safetensors) and --save")
@@ -63,6 +66,8 @@ class PruneConfig:
             raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
         if self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dense_targets and not METHODS[self.method].weight_update:
+            raise LLMPruneError(f"--dense-targets needs a method that updates weights (admm, sparsegpt), not {self.method}")
         if self.resume and not self.work_dir:
             raise LLMPruneError("--resume needs --work-dir (where the interrupted run saved its progress)")
 

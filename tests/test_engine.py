@@ -150,3 +150,33 @@ def test_sequential_prunes_later_groups_from_pruned_inputs():
     assert not torch.equal(later.self_attn.o_proj.weight, plain.model.layers[0].self_attn.o_proj.weight)
     assert not torch.equal(later.mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight)
     assert parse_pattern("2:4").violations(later.mlp.down_proj.weight) == 0
+
+
+def _logit_error(model, dense) -> float:
+    with torch.no_grad():
+        ref, out = dense(CALIB).logits, model(CALIB).logits
+    return float((out - ref).square().sum() / ref.square().sum())
+
+
+@pytest.mark.parametrize("method", ["admm", "sparsegpt"])
+def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(method):
+    dense = tiny_model()
+    models, errors = {}, {}
+    for variant in [(), ("sequential",), ("dense_targets",), ("dense_targets", "sequential")]:
+        models[variant] = model = copy.deepcopy(dense)
+        record = _prune(model, method=method, pattern="2:4", **dict.fromkeys(variant, True))
+        assert record["sparsity"] == pytest.approx(0.5)
+        assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(model.model.layers, "m").values())
+        errors[variant] = _logit_error(model, dense)
+    # block 0 sees identical inputs in both streams, so its q/k/v are pruned exactly as without targets
+    q = [models[v].model.layers[0].self_attn.q_proj.weight for v in [(), ("dense_targets",)]]
+    assert torch.equal(*q)
+    # dense targets imply the sequential order
+    same = [models[v].state_dict() for v in [("dense_targets",), ("dense_targets", "sequential")]]
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    assert errors[("dense_targets",)] < 0.5 * min(errors[()], errors[("sequential",)])
+
+
+def test_dense_targets_need_a_weight_update():
+    with pytest.raises(LLMPruneError, match="needs a method that updates weights"):
+        _prune(tiny_model(), method="wanda", pattern="2:4", dense_targets=True)

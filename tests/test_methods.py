@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmprune.methods import METHODS, reconstruction_error
+from llmprune.methods import METHODS, dense_target, paired_error, reconstruction_error
 from llmprune.methods.admm import ADMMConfig, admm_prune
 from llmprune.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from llmprune.patterns import Pattern, count, parse_pattern
@@ -195,3 +195,38 @@ def test_cuda_matches_cpu(name: str, layer: Layer) -> None:
     gpu = METHODS[name].fn(w.cuda(), xtx.cuda(), p, cfg)
     assert gpu.weight.is_cuda and p.violations(gpu.weight.cpu()) == 0
     assert abs(_err(layer, gpu.weight.cpu()) - _err(layer, cpu.weight)) < 0.05 * _err(layer, cpu.weight)
+
+
+def _paired_inputs(in_f: int = 128, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense-model inputs and the same tokens after upstream pruning: a correlated distortion plus noise."""
+    g = torch.Generator().manual_seed(1)
+    xd = torch.randn(tokens, in_f, generator=g) @ (torch.eye(in_f) + 0.3 * torch.randn(in_f, in_f, generator=g) / in_f**0.5)
+    xp = xd @ (torch.eye(in_f) + 0.2 * torch.randn(in_f, in_f, generator=g) / in_f**0.5) + 0.1 * torch.randn(tokens, in_f, generator=g)
+    return xd, xp
+
+
+def test_paired_error_matches_its_definition() -> None:
+    xd, xp = _paired_inputs()
+    w0 = torch.randn(32, 128)
+    w1 = w0 * (torch.rand_like(w0) > 0.5)
+    direct = (xp @ w1.T - xd @ w0.T).square().sum() / (xd @ w0.T).square().sum()
+    got = paired_error(w0, w1, xp.T @ xp, xp.T @ xd, float((xd @ w0.T).square().sum()))
+    assert got == pytest.approx(float(direct), rel=1e-3)
+
+
+def test_dense_target_is_the_weight_itself_for_identical_inputs(layer: Layer) -> None:
+    w, xtx = layer
+    assert torch.equal(dense_target(w, xtx, xtx.clone(), 0.1), w)
+
+
+@pytest.mark.parametrize("name", ["admm", "sparsegpt"])
+@pytest.mark.parametrize("key", ["row50", "2:4"])
+def test_pruning_the_dense_target_fits_the_dense_outputs_better(name: str, key: str) -> None:
+    xd, xp = _paired_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    xtx, xtd, dense_sq = xp.T @ xp, xp.T @ xd, float((xd @ w.T).square().sum())
+    method = METHODS[name]
+    config = method.default_config()
+    plain = method.fn(w.clone(), xtx, _pattern(key), config).weight
+    fitted = method.fn(dense_target(w, xtx, xtd, config.percdamp), xtx, _pattern(key), config).weight
+    assert paired_error(w, fitted, xtx, xtd, dense_sq) < 0.9 * paired_error(w, plain, xtx, xtd, dense_sq)

@@ -103,7 +103,7 @@ def test_killed_stream_run_resumes_bit_identical(tmp_path, src, where):
     assert [r["recon_error"] for r in record["layers"]] == [r["recon_error"] for r in ref["layers"]]
 
 
-def _interrupted_run(monkeypatch, src: Path, work: str, n: int) -> None:
+def _interrupted_run(monkeypatch, src: Path, work: str, n: int, **kw) -> None:
     """An in-memory run with a work dir that dies (KeyboardInterrupt) right after block ``n`` is committed."""
     real = InPlaceBlocks.release
 
@@ -115,18 +115,20 @@ def _interrupted_run(monkeypatch, src: Path, work: str, n: int) -> None:
     with monkeypatch.context() as m:
         m.setattr(InPlaceBlocks, "release", release)
         with pytest.raises(KeyboardInterrupt):
-            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work), calib=CALIB, quiet=True)
+            llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work, **kw), calib=CALIB, quiet=True)
 
 
-def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch):
+@pytest.mark.parametrize("dense_targets", [False, True])  # with dense targets both streams are saved
+def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, dense_targets):
     work = str(tmp_path / "work")
-    _interrupted_run(monkeypatch, src, work, 1)
+    _interrupted_run(monkeypatch, src, work, 1, dense_targets=dense_targets)
 
     resumed, _ = load_model(str(src))
-    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True), calib=CALIB, quiet=True)
+    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True, dense_targets=dense_targets),
+                            calib=CALIB, quiet=True)
     assert record["resumed_from"] == 2 and not Path(work).exists()
     ref, _ = load_model(str(src))
-    llmprune.prune(ref, None, _config(), calib=CALIB, quiet=True)
+    llmprune.prune(ref, None, _config(dense_targets=dense_targets), calib=CALIB, quiet=True)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
 
 

@@ -56,13 +56,14 @@ def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dty
     assert all(p.is_meta for p in lazy.parameters())  # what capture read is dropped again
 
 
-@pytest.mark.parametrize("method,pattern,sparsity,layout", [
-    ("admm", "2:4", None, dict(shard="40KB", tie_word_embeddings=True)),  # sharded, tied embeddings
-    ("wanda", "unstructured", 0.5, dict(num_hidden_layers=3)),  # single file
+@pytest.mark.parametrize("method,pattern,sparsity,layout,extra", [
+    ("admm", "2:4", None, dict(shard="40KB", tie_word_embeddings=True), {}),  # sharded, tied embeddings
+    ("wanda", "unstructured", 0.5, dict(num_hidden_layers=3), {}),  # single file
+    ("sparsegpt", "4x4:8", None, dict(num_hidden_layers=3), dict(dense_targets=True, sequential=True)),
 ])
-def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, sparsity, layout):
+def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, sparsity, layout, extra):
     src = _save(tmp_path / "m", tokenizer, **layout)
-    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, batch_size=4)
+    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, batch_size=4, **extra)
     model, _ = load_model(str(src))
     ref = llmprune.prune(model, None, config, calib=CALIB, quiet=True)
     record = prune_checkpoint(src, tmp_path / "out", config, calib=CALIB, quiet=True)
