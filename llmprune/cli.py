@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +133,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         from .export import save_pruned
 
         t = time.perf_counter()
-        pattern = config.resolved_pattern()
-        patterns = {f"{layer['name']}.weight": pattern for layer in record["prune"]["layers"]}
+        pattern = config.resolved_pattern()  # per layer, since OWL allocation varies the sparsity by block
+        patterns = {f"{layer['name']}.weight": replace(pattern, sparsity=layer["target"])
+                    for layer in record["prune"]["layers"]}
         save_pruned(model, tokenizer, args.save, args.format, patterns, overwrite=args.overwrite,
                     extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})
         sec["save"] = time.perf_counter() - t

@@ -24,6 +24,11 @@ class PruneConfig:
     sparsity: float | None = _opt(None, "fraction of weights removed; implied by N:M and RxC:K patterns (default 0.5)")
     pattern: str = _opt("unstructured", "'unstructured', 'N:M' (2:4, 4:8) or 'RxC:K' (4x4:8)")
     granularity: str = _opt("row", "unstructured comparison group: per output 'row' or whole 'layer'", choices=("row", "layer"))
+    allocation: str = _opt("uniform", "sparsity per decoder block: the same everywhere, or 'owl' (outlier-weighted: "
+                                      "blocks with more outliers keep more weights; unstructured only)",
+                           choices=("uniform", "owl"))
+    owl_lambda: float = _opt(0.08, "OWL: block sparsities spread over a band of width 2*lambda around --sparsity")
+    owl_m: float = _opt(5.0, "OWL: a weight is an outlier when its Wanda score exceeds m times its block's mean")
     skip: list[str] = _opt([], "glob patterns of Linear names to leave dense (e.g. '*.mlp.down_proj')")
     calib: str = _opt("wikitext2", "calibration data: wikitext2, c4, ptb or a path to a .txt file")
     nsamples: int = _opt(128, "calibration windows")
@@ -68,6 +73,14 @@ class PruneConfig:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.dense_targets and not METHODS[self.method].weight_update:
             raise LLMPruneError(f"--dense-targets needs a method that updates weights (admm, sparsegpt), not {self.method}")
+        if self.allocation not in ("uniform", "owl"):
+            raise LLMPruneError(f"unknown allocation {self.allocation!r}; choose uniform or owl")
+        if self.allocation == "owl":
+            if self.resolved_pattern().structured:
+                raise LLMPruneError(f"--allocation owl needs unstructured sparsity; pattern {self.pattern} fixes "
+                                    "every layer's sparsity")
+            if self.owl_lambda < 0 or self.owl_m <= 0:
+                raise LLMPruneError(f"need owl_lambda >= 0 and owl_m > 0, got {self.owl_lambda} and {self.owl_m}")
         if self.resume and not self.work_dir:
             raise LLMPruneError("--resume needs --work-dir (where the interrupted run saved its progress)")
 

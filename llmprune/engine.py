@@ -22,17 +22,19 @@ import copy
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import outlier_ratio, owl_sparsities
 from .config import PruneConfig
 from .errors import LLMPruneError
 from .methods import METHODS, dense_target, paired_error, reconstruction_error
 from .models import find_blocks, find_linears, move_non_block_modules, to_device
+from .patterns import Pattern
 from .resume import WorkDir
 
 log = logging.getLogger(__name__)
@@ -260,14 +262,15 @@ def run_block(block: nn.Module, acts: Activations, device: torch.device, replace
 class LayerRecord:
     name: str
     shape: list[int]
+    target: float  # the sparsity of the pattern it was pruned to (per block with OWL allocation)
     sparsity: float
     recon_error: float
     seconds: float
 
 
-def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConfig,
+def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConfig, pattern: Pattern,
                  xtd: torch.Tensor | None = None, dense_sq: float | None = None) -> LayerRecord:
-    """Apply the configured method to one Linear in place; checks numerics with the layer's name.
+    """Apply the configured method with ``pattern`` to one Linear in place; checks numerics with the layer's name.
 
     With ``xtd`` (= XₚᵀX_d, pruned-model inputs against dense-model inputs) and ``dense_sq`` (= ‖X_dWᵀ‖²)
     the layer is fitted to the dense model's outputs (:func:`llmprune.methods.dense_target`).
@@ -280,7 +283,7 @@ def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConf
     method_config = config.method_config()
     try:
         target = w0.clone() if xtd is None else dense_target(w0, xtx, xtd, method_config.percdamp)
-        result = method.fn(target, xtx if method.needs_xtx else None, config.resolved_pattern(), method_config)
+        result = method.fn(target, xtx if method.needs_xtx else None, pattern, method_config)
     except (FloatingPointError, torch.linalg.LinAlgError) as e:
         raise LLMPruneError(f"{name}: {config.method} failed numerically: {e}") from e
     if not torch.isfinite(result.weight).all():
@@ -290,7 +293,7 @@ def prune_linear(name: str, lin: nn.Linear, xtx: torch.Tensor, config: PruneConf
     sparsity = 1.0 - int(torch.count_nonzero(lin.weight)) / lin.weight.numel()
     w1 = lin.weight.data.to(torch.float32)
     err = reconstruction_error(w0, w1, xtx) if xtd is None else paired_error(w0, w1, xtx, xtd, dense_sq)
-    return LayerRecord(name, list(lin.weight.shape), sparsity, err, time.perf_counter() - t0)
+    return LayerRecord(name, list(lin.weight.shape), pattern.sparsity, sparsity, err, time.perf_counter() - t0)
 
 
 def check_shapes(blocks: nn.ModuleList, prefix: str, config: PruneConfig) -> int:
@@ -317,8 +320,9 @@ def _collect(block: nn.Module, linears: dict[str, nn.Linear], acts: Activations,
     return collector, targets
 
 
-def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneConfig, device: torch.device) -> list[LayerRecord]:
-    """Prune every target Linear of one block (already on ``device``) and advance the activations.
+def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneConfig, pattern: Pattern,
+                device: torch.device) -> list[LayerRecord]:
+    """Prune every target Linear of one block (already on ``device``) to ``pattern`` and advance the activations.
 
     With ``config.sequential`` the groups of Linears sharing an input (q/k/v, o, gate/up, down) are
     pruned in execution order, each from statistics taken through the already-pruned earlier groups,
@@ -336,13 +340,56 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, config: PruneC
     for k, group in enumerate(collector.groups()):
         if (config.sequential or tap is not None) and k > 0:
             collector, _ = _collect(block, {n: linears[n] for n in group}, acts, device, tap, stop_early=True)
-        records += [prune_linear(n, linears[n], collector.get(n), config, *collector.paired(n)) for n in group]
+        records += [prune_linear(n, linears[n], collector.get(n), config, pattern, *collector.paired(n)) for n in group]
     del collector
     if tap is not None:
         tap.remove()
         acts.targets = targets
     run_block(block, acts, device, replace=True)
     return records
+
+
+@torch.no_grad()
+def outlier_scan(prefix: str, blocks: nn.ModuleList, io: Blocks, acts: Activations, config: PruneConfig,
+                 device: torch.device, quiet: bool = False) -> list[float | None]:
+    """OWL's outlier ratio of every dense block (``None`` for a block without target Linears).
+
+    One pass of the dense model over the calibration data, a block at a time, keeping only the squared
+    norm of each Linear's input features (the Wanda score's ‖x_j‖²). ``acts`` is left as it was.
+    """
+    acts = Activations(list(acts.batches), acts.kwargs)  # the pruning pass restarts from block 0's inputs
+    ratios: list[float | None] = []
+    for i in tqdm(range(len(blocks)), desc="owl scan", disable=quiet, unit="block"):
+        io.load(i, device)
+        linears = find_linears(blocks[i], f"{prefix}.{i}", config.skip)
+        sq: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Callable:
+            def record(_mod: nn.Module, inp: tuple, _out: Any) -> None:
+                x = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float32)
+                sq[name] = sq[name] + x.square().sum(0) if name in sq else x.square().sum(0)
+
+            return record
+
+        handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+        try:
+            run_block(blocks[i], acts, device, replace=True)
+        finally:
+            for h in handles:
+                h.remove()
+        scores = [lin.weight.detach().abs().to(torch.float32) * sq[n].sqrt() for n, lin in linears.items()]
+        ratios.append(outlier_ratio(scores, config.owl_m) if scores else None)
+        io.unload(i)
+    return ratios
+
+
+def allocate(ratios: list[float | None], pattern: Pattern, config: PruneConfig) -> list[Pattern]:
+    """One pattern per block: OWL sparsities over the blocks that have targets (the rest keep ``pattern``)."""
+    have = [i for i, r in enumerate(ratios) if r is not None]
+    out = [pattern] * len(ratios)
+    for i, s in zip(have, owl_sparsities([ratios[i] for i in have], pattern.sparsity, config.owl_lambda)):
+        out[i] = replace(pattern, sparsity=s)
+    return out
 
 
 class Blocks(Protocol):
@@ -354,14 +401,17 @@ class Blocks(Protocol):
     def load(self, i: int, device: torch.device) -> None:
         """Put dense block ``i`` on ``device``."""
 
-    def store(self, i: int) -> None:
-        """Block ``i`` is pruned (still on the device): keep it wherever the result goes."""
+    def unload(self, i: int) -> None:
+        """Put dense block ``i`` (on the device, unchanged) away again."""
+
+    def store(self, i: int, pattern: Pattern) -> None:
+        """Block ``i`` is pruned to ``pattern`` (still on the device): keep it wherever the result goes."""
 
     def release(self, i: int) -> None:
         """Free the device (and host) memory of stored block ``i``."""
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Block ``i`` was pruned by an earlier, interrupted run: keep its saved state dict."""
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern) -> None:
+        """Block ``i`` was pruned to ``pattern`` by an earlier, interrupted run: keep its saved state dict."""
 
 
 class InPlaceBlocks:
@@ -377,13 +427,16 @@ class InPlaceBlocks:
     def load(self, i: int, device: torch.device) -> None:
         self.blocks[i].to(device)
 
-    def store(self, i: int) -> None:
+    def unload(self, i: int) -> None:
+        self.blocks[i].to(self.home)
+
+    def store(self, i: int, pattern: Pattern) -> None:
         self.blocks[i].to(self.home)
 
     def release(self, i: int) -> None:
         pass
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern) -> None:
         self.blocks[i].load_state_dict(tensors)
 
 
@@ -419,35 +472,41 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
 
     t0 = time.perf_counter()
     if state is None:
-        done, layers, block_seconds, before = 0, [], [], 0.0
+        done, layers, block_seconds, before, ratios, t_scan = 0, [], [], 0.0, None, 0.0
         acts = io.capture(calib, config.batch_size, device, store)
         if config.dense_targets:
             acts.targets = list(acts.batches)  # block 0 sees the same inputs in both models
         t_capture = time.perf_counter() - t0
+        if config.allocation == "owl":
+            ratios = outlier_scan(prefix, blocks, io, acts, config, device, quiet)
+            t_scan = time.perf_counter() - t0 - t_capture
     else:
         done, saved = state["done"], state["record"]
         layers, block_seconds, t_capture, before = saved["layers"], saved["blocks"], saved["capture"], saved["elapsed"]
+        ratios, t_scan = saved.get("outlier_ratios"), saved.get("owl_scan", 0.0)
         raw = work.acts(done)
         acts = Activations([x.to(store) for x in raw["batches"]], to_device(raw["kwargs"], device),
                            None if raw.get("targets") is None else [x.to(store) for x in raw["targets"]])
-        for i in range(done):
-            io.restore(i, work.block(i))
         log.info("resuming from %s: %d of %d blocks already pruned", work.path, done, len(blocks))
+    pattern = config.resolved_pattern()
+    patterns = [pattern] * len(blocks) if ratios is None else allocate(ratios, pattern, config)
+    for i in range(done):
+        io.restore(i, work.block(i), patterns[i])
 
     def commit(k: int, block: dict[str, torch.Tensor] | None = None) -> None:
-        record = {"capture": t_capture, "blocks": block_seconds, "layers": layers,
-                  "elapsed": before + time.perf_counter() - t0}
+        record = {"capture": t_capture, "blocks": block_seconds, "layers": layers, "outlier_ratios": ratios,
+                  "owl_scan": t_scan, "elapsed": before + time.perf_counter() - t0}
         work.commit(k, {"batches": acts.batches, "kwargs": acts.kwargs, "targets": acts.targets}, record, block)
 
     if work is not None and state is None:
         commit(0)
-    bar = tqdm(range(done, len(blocks)), desc=f"prune {config.method} {config.resolved_pattern()}", disable=quiet,
+    bar = tqdm(range(done, len(blocks)), desc=f"prune {config.method} {pattern}", disable=quiet,
                unit="block", initial=done, total=len(blocks))
     for i in bar:
         tb = time.perf_counter()
         io.load(i, device)
-        layers += [r.__dict__ for r in prune_block(blocks[i], f"{prefix}.{i}", acts, config, device)]
-        io.store(i)
+        layers += [r.__dict__ for r in prune_block(blocks[i], f"{prefix}.{i}", acts, config, patterns[i], device)]
+        io.store(i, patterns[i])
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so the block's time is its own, not the next one's
         block_seconds.append(time.perf_counter() - tb)
@@ -463,11 +522,14 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
         "device": str(device),
         "blocks": len(blocks),
         "targets": n_targets,
-        "seconds": {"capture": t_capture, "blocks": block_seconds, "prune_total": before + time.perf_counter() - t0},
+        "seconds": {"capture": t_capture, "owl_scan": t_scan, "blocks": block_seconds, "prune_total": before + time.perf_counter() - t0},
         "layers": layers,
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
         / sum(r["shape"][0] * r["shape"][1] for r in layers),
     }
+    if ratios is not None:
+        record["allocation"] = {"method": "owl", "lambda": config.owl_lambda, "m": config.owl_m,
+                                "outlier_ratios": ratios, "sparsity": [p.sparsity for p in patterns]}
     if state is not None:
         record["resumed_from"] = done
     return record, work

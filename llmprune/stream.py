@@ -87,9 +87,9 @@ class StreamBlocks:
     """Blocks read from ``src`` on demand and written to ``writer`` once pruned (engine ``Blocks``)."""
 
     def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, src: SafetensorsDir,
-                 writer: CheckpointWriter, pattern: Pattern, skip: list[str]) -> None:
+                 writer: CheckpointWriter, skip: list[str]) -> None:
         self.model, self.prefix, self.blocks, self.src, self.writer = model, prefix, blocks, src, writer
-        self.pattern, self.skip = pattern, skip
+        self.skip = skip
         self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
         self.stored = stored_names(model)  # before capture, which unties the skeleton's tied parameters
         inside = {id(m) for b in blocks for m in b.modules()}
@@ -123,14 +123,17 @@ class StreamBlocks:
         self.blocks[i].load_state_dict({k[len(block):]: v for k, v in tensors.items()}, strict=True, assign=True)
         self.blocks[i].to(device)  # its computed buffers, if any
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    def unload(self, i: int) -> None:
+        self.release(i)
+
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern) -> None:
         targets = self._targets(i)
         for k, t in tensors.items():
             name = f"{self.prefix}.{i}.{k}"
-            self.writer.add(name, t, self.pattern if name in targets else None)
+            self.writer.add(name, t, pattern if name in targets else None)
 
-    def store(self, i: int) -> None:
-        self.restore(i, self.blocks[i].state_dict())
+    def store(self, i: int, pattern: Pattern) -> None:
+        self.restore(i, self.blocks[i].state_dict(), pattern)
 
     def release(self, i: int) -> None:
         self.blocks[i].to("meta")
@@ -191,7 +194,7 @@ def prune_checkpoint(
             calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
                                         config.data_dir)
         t_prepare = time.perf_counter() - t0
-        io = StreamBlocks(model, prefix, blocks, src, writer, config.resolved_pattern(), config.skip)
+        io = StreamBlocks(model, prefix, blocks, src, writer, config.skip)
         record, work = run_blocks(prefix, blocks, io, calib, config, model_identity(model, blocks), quiet)
         t1 = time.perf_counter()
         io.copy_outside()

@@ -121,3 +121,20 @@ def test_help_lists_generated_method_options(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--admm-rho-start" in out and "--sparsegpt-blocksize" in out and "--resume" in out
+
+
+def test_owl_run_saves_per_layer_sparsities_that_inspect_clean(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "owl"
+    argv = _tiny(tiny_model_dir, "--calib", str(text_file), "--sparsity", "0.6", "--allocation", "owl",
+                 "--owl-lambda", "0.1", "--save", str(out))
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0  # every layer verified against its own declared sparsity
+    sc = json.loads((out / "config.json").read_text())["sparsity_config"]
+    record = json.loads((out / "llmprune_run.json").read_text())["prune"]
+    assert sc["pattern"] == "mixed" and sc["global_sparsity"] == pytest.approx(0.6, abs=0.02)
+    assert sorted({entry["sparsity"] for entry in sc["layers"].values()}) == sorted(set(record["allocation"]["sparsity"]))
+
+
+def test_owl_with_nm_pattern_is_refused(capsys, tiny_model_dir):
+    _fails(capsys, _tiny(tiny_model_dir, "--pattern", "2:4", "--allocation", "owl"), "needs unstructured sparsity")

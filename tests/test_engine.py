@@ -180,3 +180,32 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(method):
 def test_dense_targets_need_a_weight_update():
     with pytest.raises(LLMPruneError, match="needs a method that updates weights"):
         _prune(tiny_model(), method="wanda", pattern="2:4", dense_targets=True)
+
+
+def test_owl_allocation_gives_outlier_blocks_more_weights():
+    model = tiny_model(num_hidden_layers=4)
+    with torch.no_grad():  # block 2 gets a few huge weights: the most outliers, so the lowest sparsity
+        model.model.layers[2].mlp.up_proj.weight[:, :3] *= 40
+    record = _prune(model, method="wanda", sparsity=0.6, allocation="owl", owl_lambda=0.1)
+    alloc = record["allocation"]
+    assert max(range(4), key=lambda i: alloc["outlier_ratios"][i]) == 2
+    assert min(range(4), key=lambda i: alloc["sparsity"][i]) == 2
+    assert sum(alloc["sparsity"]) / 4 == pytest.approx(0.6) and max(alloc["sparsity"]) - min(alloc["sparsity"]) == pytest.approx(0.2)
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):  # every row of every Linear holds exactly its block's sparsity
+        for name, lin in find_linears(block, f"{prefix}.{i}").items():
+            assert ((lin.weight == 0).sum(1) == count(alloc["sparsity"][i], lin.in_features)).all(), name
+    assert record["sparsity"] == pytest.approx(0.6, abs=1 / 64)
+    assert {r["target"] for r in record["layers"]} == set(alloc["sparsity"])
+
+
+def test_owl_with_zero_lambda_equals_uniform():
+    uniform, owl = tiny_model(), tiny_model()
+    _prune(uniform, method="admm", sparsity=0.6)
+    _prune(owl, method="admm", sparsity=0.6, allocation="owl", owl_lambda=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(uniform.state_dict().values(), owl.state_dict().values()))
+
+
+def test_owl_needs_unstructured_sparsity():
+    with pytest.raises(LLMPruneError, match="needs unstructured sparsity"):
+        _prune(tiny_model(), method="wanda", pattern="2:4", allocation="owl")

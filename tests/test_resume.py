@@ -67,7 +67,7 @@ def src(tmp_path_factory, tokenizer) -> Path:
 
 
 def _config(**kw) -> PruneConfig:
-    return PruneConfig(method="admm", pattern="2:4", batch_size=4, **kw)
+    return PruneConfig(**{"method": "admm", "pattern": "2:4", "batch_size": 4, **kw})
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
@@ -118,17 +118,21 @@ def _interrupted_run(monkeypatch, src: Path, work: str, n: int, **kw) -> None:
             llmprune.prune(load_model(str(src))[0], None, _config(work_dir=work, **kw), calib=CALIB, quiet=True)
 
 
-@pytest.mark.parametrize("dense_targets", [False, True])  # with dense targets both streams are saved
-def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, dense_targets):
+@pytest.mark.parametrize("extra", [
+    {},
+    dict(dense_targets=True),  # both activation streams are saved
+    dict(pattern="unstructured", sparsity=0.6, allocation="owl", owl_lambda=0.1),  # the allocation is saved
+])
+def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     work = str(tmp_path / "work")
-    _interrupted_run(monkeypatch, src, work, 1, dense_targets=dense_targets)
+    _interrupted_run(monkeypatch, src, work, 1, **extra)
 
     resumed, _ = load_model(str(src))
-    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True, dense_targets=dense_targets),
-                            calib=CALIB, quiet=True)
+    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True, **extra), calib=CALIB, quiet=True)
     assert record["resumed_from"] == 2 and not Path(work).exists()
     ref, _ = load_model(str(src))
-    llmprune.prune(ref, None, _config(dense_targets=dense_targets), calib=CALIB, quiet=True)
+    ref_record = llmprune.prune(ref, None, _config(**extra), calib=CALIB, quiet=True)
+    assert record.get("allocation") == ref_record.get("allocation")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
 
 

@@ -44,7 +44,7 @@ def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dty
     shards = SafetensorsDir(src)
     lazy = skeleton(src, shards)
     prefix, lazy_blocks = find_blocks(lazy)
-    acts = StreamBlocks(lazy, prefix, lazy_blocks, shards, None, None, []).capture(CALIB, 4, CPU, CPU)
+    acts = StreamBlocks(lazy, prefix, lazy_blocks, shards, None, []).capture(CALIB, 4, CPU, CPU)
     assert len(acts.batches) == 2 and all(torch.equal(a, b) for a, b in zip(acts.batches, ref.batches))
     assert acts.batches[0].dtype == dtype
     assert acts.kwargs.keys() == ref.kwargs.keys()
@@ -60,6 +60,7 @@ def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dty
     ("admm", "2:4", None, dict(shard="40KB", tie_word_embeddings=True), {}),  # sharded, tied embeddings
     ("wanda", "unstructured", 0.5, dict(num_hidden_layers=3), {}),  # single file
     ("sparsegpt", "4x4:8", None, dict(num_hidden_layers=3), dict(dense_targets=True, sequential=True)),
+    ("admm", "unstructured", 0.6, dict(num_hidden_layers=3), dict(allocation="owl", owl_lambda=0.1)),  # mixed sparsities
 ])
 def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, sparsity, layout, extra):
     src = _save(tmp_path / "m", tokenizer, **layout)
