@@ -43,6 +43,9 @@ class PruneConfig:
     dense_targets: bool = _opt(False, "fit each pruned Linear, fed the pruned model's inputs, to the dense model's "
                                       "outputs (a second, dense activation stream), so every layer corrects the "
                                       "error upstream of it; implies --sequential (admm, sparsegpt)")
+    tune_epochs: int = _opt(0, "after pruning a block, fine-tune its kept weights end to end (Adam, masks fixed) for "
+                                  "this many passes over the calibration batches, towards the dense outputs; 0: off")
+    tune_lr: float = _opt(1e-4, "Adam learning rate of --tune-epochs")
     method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
     stream: bool = _opt(False, "read blocks lazily from the checkpoint on disk and write the result block by block, "
                                "so host memory holds about one block; needs --model DIR (safetensors) and --save")
@@ -81,6 +84,8 @@ class PruneConfig:
                                     "every layer's sparsity")
             if self.owl_lambda < 0 or self.owl_m <= 0:
                 raise LLMPruneError(f"need owl_lambda >= 0 and owl_m > 0, got {self.owl_lambda} and {self.owl_m}")
+        if self.tune_epochs < 0 or self.tune_lr <= 0:
+            raise LLMPruneError(f"need tune_epochs >= 0 and tune_lr > 0, got {self.tune_epochs} and {self.tune_lr}")
         if self.resume and not self.work_dir:
             raise LLMPruneError("--resume needs --work-dir (where the interrupted run saved its progress)")
 

@@ -209,3 +209,24 @@ def test_owl_with_zero_lambda_equals_uniform():
 def test_owl_needs_unstructured_sparsity():
     with pytest.raises(LLMPruneError, match="needs unstructured sparsity"):
         _prune(tiny_model(), method="wanda", pattern="2:4", allocation="owl")
+
+
+@pytest.mark.parametrize("extra", [{}, dict(dense_targets=True)])
+def test_block_tuning_lowers_the_error_and_keeps_the_masks(extra):
+    dense, plain, tuned = tiny_model(), tiny_model(), tiny_model()
+    _prune(plain, method="admm", pattern="2:4", **extra)
+    record = _prune(tuned, method="admm", pattern="2:4", tune_epochs=10, tune_lr=1e-3, **extra)
+    assert len(record["tune"]) == 2 and all(b["after"] < 0.5 * b["before"] for b in record["tune"])
+    # block 0 keeps exactly the zeros it was pruned to (block 1 sees tuned inputs, so its masks may differ)
+    for name, lin in find_linears(tuned.model.layers[0], "b").items():
+        assert torch.equal(lin.weight == 0, find_linears(plain.model.layers[0], "b")[name].weight == 0), name
+    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(tuned.model.layers, "m").values())
+    assert _logit_error(tuned, dense) < 0.5 * _logit_error(plain, dense)
+
+
+def test_block_tuning_in_bfloat16_keeps_the_dtype():
+    model = tiny_model().to(torch.bfloat16)
+    record = _prune(model, method="wanda", pattern="2:4", tune_epochs=2, tune_lr=1e-3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b["after"] <= b["before"] for b in record["tune"])
+    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(model.model.layers, "m").values())
