@@ -122,6 +122,7 @@ def _interrupted_run(monkeypatch, src: Path, work: str, n: int, **kw) -> None:
     {},
     dict(dense_targets=True),  # both activation streams are saved
     dict(pattern="unstructured", sparsity=0.6, allocation="owl", owl_lambda=0.1),  # the allocation is saved
+    dict(tune_epochs=2, tune_lr=1e-3),  # tuned blocks are saved, and their tuning errors
 ])
 def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     work = str(tmp_path / "work")
@@ -132,7 +133,7 @@ def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     assert record["resumed_from"] == 2 and not Path(work).exists()
     ref, _ = load_model(str(src))
     ref_record = llmprune.prune(ref, None, _config(**extra), calib=CALIB, quiet=True)
-    assert record.get("allocation") == ref_record.get("allocation")
+    assert record.get("allocation") == ref_record.get("allocation") and record.get("tune") == ref_record.get("tune")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
 
 
