@@ -45,7 +45,7 @@ class PruneConfig:
                                       "error upstream of it; implies --sequential (admm, sparsegpt)")
     tune_epochs: int = _opt(0, "after pruning a block, fine-tune its kept weights end to end (Adam, masks fixed) for "
                                   "this many passes over the calibration batches, towards the dense outputs; 0: off")
-    tune_lr: float = _opt(1e-4, "Adam learning rate of --tune-epochs")
+    tune_lr: float = _opt(3e-4, "Adam learning rate of --tune-epochs (3e-4 beat 1e-4 on SmolLM2 2:4)")
     method_options: dict[str, Any] = _opt({}, "options of the chosen method (see its config dataclass)")
     stream: bool = _opt(False, "read blocks lazily from the checkpoint on disk and write the result block by block, "
                                "so host memory holds about one block; needs --model DIR (safetensors) and --save")
