@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--options", default="{}", help='JSON method options, e.g. \'{"admm": {"iters": 40}}\'')
     p.add_argument("--config", default="{}", help='JSON PruneConfig fields, e.g. \'{"sequential": true}\'')
     p.add_argument("--variant", default="default", help="label stored with the rows (for ablations)")
+    p.add_argument("--note", default="", help="free text stored with the rows (e.g. that other jobs shared the device)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--force", action="store_true", help="recompute rows already in --out")
     args = p.parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
         return None if args.force or not hits else hits[-1]
 
     def record(row: dict) -> None:
-        row = dict(row, command=command)  # rows of several commands share the file
+        row = dict(row, command=command, **({"note": args.note} if args.note else {}))  # rows of several commands share the file
         rows[:] = [r for r in rows if tuple(r.get(k) for k in KEY) != tuple(row.get(k) for k in KEY)] + [row]
         write_json_atomic(out, {"command": command, "env": env, "rows": rows})
 

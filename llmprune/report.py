@@ -40,9 +40,11 @@ def git_commit() -> str:
         # "-dirty" marks results of uncommitted code
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = ""
+    # a copy of the tree without .git (e.g. shipped to a GPU machine) can be told its commit
+    return commit or os.environ.get("LLMPRUNE_COMMIT", "unknown")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
