@@ -36,15 +36,16 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    # LLMPRUNE_COMMIT names the commit of a copied tree (e.g. shipped to a GPU machine), whose .git may be stale or absent
+    if os.environ.get("LLMPRUNE_COMMIT"):
+        return os.environ["LLMPRUNE_COMMIT"]
     try:
         # "-dirty" marks results of uncommitted code
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        commit = out.stdout.strip()
+        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    # a copy of the tree without .git (e.g. shipped to a GPU machine) can be told its commit
-    return commit or os.environ.get("LLMPRUNE_COMMIT", "unknown")
+        return "unknown"
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -138,3 +138,10 @@ def test_owl_run_saves_per_layer_sparsities_that_inspect_clean(capsys, tmp_path,
 
 def test_owl_with_nm_pattern_is_refused(capsys, tiny_model_dir):
     _fails(capsys, _tiny(tiny_model_dir, "--pattern", "2:4", "--allocation", "owl"), "needs unstructured sparsity")
+
+
+def test_llmprune_commit_names_the_commit_of_a_copied_tree(monkeypatch):
+    from llmprune.report import environment
+
+    monkeypatch.setenv("LLMPRUNE_COMMIT", "abc1234")
+    assert environment()["commit"] == "abc1234"
