@@ -21,7 +21,6 @@ import argparse
 import inspect
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from llmprune.report import git_commit  # noqa: E402
 
 SHAPES = {
     "7b": {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)},
@@ -57,14 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernels.json")
     ap.add_argument("--dispatch-out", type=Path, help="also write the measured dispatch table (JSON) here")
     return ap.parse_args(argv)
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def time_us(fn: Callable[[], object], reps: int) -> float:
@@ -292,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device available; nothing measured (this benchmark needs a GPU).")
         return 1
-    device, sha = torch.cuda.get_device_name(), commit()
+    device, sha = torch.cuda.get_device_name(), git_commit()
     rows = e2e_cases(args, device, sha) if args.e2e else layer_cases(args, device, sha)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(args.out.read_text()) if args.out.is_file() else []

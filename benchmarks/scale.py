@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmprune import PruneConfig  # noqa: E402
-from llmprune.report import machine, markdown_table, write_json_atomic  # noqa: E402
+from llmprune.report import git_commit, machine, markdown_table, write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 LLAMA = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -45,15 +45,6 @@ SHAPES = {
 }
 RUNS = ("admm@2:4", "admm@0.5", "sparsegpt@2:4", "wanda@2:4")
 KEY = ("shape", "method", "pattern", "blocks", "nsamples", "seqlen", "device")
-
-
-def _commit() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def write_random_checkpoint(path: Path, shape: dict, blocks: int, seed: int = 0, shard_bytes: int = 2**30) -> int:
@@ -131,7 +122,7 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
         "device": machine() if cuda else f"cpu: {machine()}", "sparsity": round(record["sparsity"], 4),
-        "commit": _commit(),
+        "commit": git_commit(),
     }
 
 

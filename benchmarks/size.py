@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 from llmprune.export import inspect, save_pruned  # noqa: E402
 from llmprune.patterns import parse_pattern  # noqa: E402
+from llmprune.report import git_commit, write_json_atomic  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4x4:8", None), ("unstructured", 0.7)]
@@ -31,12 +30,6 @@ PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4x4:8", None), ("unstructure
 
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() if done.returncode == 0 else "uncommitted"
 
 
 def _machine() -> str:
@@ -81,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint_compressed_bytes": _folder_bytes(compressed),
             })
     command = " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})"
-    result = {"command": command, "commit": _commit(), "machine": _machine(),
+    result = {"command": command, "commit": git_commit(), "machine": _machine(),
               "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantized to float16)",
               "pruned": f"{len(linears)} decoder Linears", "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.out, result)
     print("| pattern | sparsity | Linear dense MB | Linear compressed MB | ratio | checkpoint dense MB | "
           "checkpoint compressed MB | checkpoint ratio |")
     print("|---|---|---|---|---|---|---|---|")
