@@ -82,9 +82,9 @@ def magnitude_prune(weight: torch.Tensor, pattern: object) -> torch.Tensor:
 
 
 def layer_cases(args: argparse.Namespace, device: str, sha: str) -> list[dict]:
-    from kernels import SparseLinear, cusparselt
-    from kernels.dispatch import layout_key
-    from kernels.linear import _triton
+    from llmprune.kernels import SparseLinear, cusparselt
+    from llmprune.kernels.dispatch import layout_key
+    from llmprune.kernels.linear import _triton
     from llmprune.patterns import parse_pattern
 
     tk = _triton()
@@ -170,7 +170,7 @@ def build_llama(layers: int, dtype: torch.dtype = torch.float16) -> torch.nn.Mod
 @torch.no_grad()
 def sparsify(model: torch.nn.Module, spec: str) -> None:
     """Swap every decoder Linear for a SparseLinear of its magnitude-pruned weight."""
-    from kernels import SparseLinear
+    from llmprune.kernels import SparseLinear
     from llmprune.patterns import parse_pattern
 
     pat = parse_pattern(spec)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(keep + rows, indent=1) + "\n")
     print(markdown(rows))
     if args.dispatch_out and not args.e2e:
-        from kernels.dispatch import DispatchTable
+        from llmprune.kernels.dispatch import DispatchTable
 
         DispatchTable.from_rows([r for r in rows if r.get("ok", True)]).save(args.dispatch_out)
         print(f"dispatch table written to {args.dispatch_out}")

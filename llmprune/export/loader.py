@@ -57,18 +57,12 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _sparse_linear(device: torch.device) -> type:
     """The kernels package's ``SparseLinear``, or a clear error saying why it can't be used."""
-    try:
-        import kernels
-    except ImportError as exc:
-        raise LLMPruneError(f"kernels=True needs llmprune's sparse kernels (the 'kernels' package): {exc}") from exc
-    sparse_linear = getattr(kernels, "SparseLinear", None)
-    if not hasattr(sparse_linear, "from_weight"):
-        raise LLMPruneError("kernels=True: the importable 'kernels' package has no SparseLinear.from_weight "
-                            "(is it llmprune's kernels/ folder?)")
+    from ..kernels import SparseLinear
+
     if not torch.cuda.is_available() or device.type != "cuda":
         raise LLMPruneError(f"kernels=True needs a CUDA device (got device={device}, "
                             f"CUDA {'available' if torch.cuda.is_available() else 'not available'})")
-    return sparse_linear
+    return SparseLinear
 
 
 def _skeleton(config: transformers.PretrainedConfig) -> nn.Module:
@@ -88,7 +82,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     """Load a checkpoint saved by llmprune (either format) as an eval-mode transformers model.
 
     ``dtype`` casts floating parameters (default: as stored). ``compressed_modules`` keeps pruned Linears
-    as :class:`CompressedLinear`; ``kernels`` swaps in ``kernels.SparseLinear`` (needs CUDA).
+    as :class:`CompressedLinear`; ``kernels`` swaps in ``llmprune.kernels.SparseLinear`` (needs CUDA).
     """
     dtype, device = _dtype(dtype), torch.device(device)
     if kernels and compressed_modules:

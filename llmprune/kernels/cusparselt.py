@@ -1,8 +1,9 @@
 """2:4 prefill through cuSPARSELt (``torch._cslt_*``), the backend behind ``to_sparse_semi_structured``.
 
-The weight is compressed once (``_cslt_compress``) and the best algorithm is searched once per
-power-of-two bucket of token counts (``_cslt_sparse_mm_search``), so a call pays only
-``_cslt_sparse_mm``. Calling the ops directly skips the tensor-subclass dispatch of
+The weight is compressed once (``_cslt_compress``); with ``search=True`` the best algorithm is searched
+once per power-of-two bucket of token counts (``_cslt_sparse_mm_search``), so a call pays only
+``_cslt_sparse_mm``. The search is off by default: on an H100 it left the CUDA context in an
+illegal-instruction state (kernels/README.md), and the whole path is opt-in until its GPU test passes. Calling the ops directly skips the tensor-subclass dispatch of
 ``SparseSemiStructuredTensor`` and never picks CUTLASS (which refuses sm_90); the cuSPARSELt plan
 setup that torch does inside every ``_cslt_sparse_mm`` call remains.
 """
@@ -26,9 +27,10 @@ def supports(shape: tuple[int, int], dtype: torch.dtype) -> bool:
 class CusparseltWeight:
     """A 2:4 ``[N, K]`` CUDA weight compressed for cuSPARSELt, with algorithm ids cached per token count."""
 
-    def __init__(self, dense: torch.Tensor) -> None:
+    def __init__(self, dense: torch.Tensor, search: bool = False) -> None:
         self.packed = torch._cslt_compress(dense)
         self.shape = tuple(dense.shape)
+        self.search = search
         self.alg_ids: dict[int, int] = {}
 
     @property
@@ -45,7 +47,7 @@ class CusparseltWeight:
         alg = self.alg_ids.get(bucket)
         if alg is None:
             alg = 0
-            if not torch.cuda.is_current_stream_capturing():
+            if self.search and not torch.cuda.is_current_stream_capturing():
                 try:
                     alg = torch._cslt_sparse_mm_search(self.packed, xp.t(), bias=bias, transpose_result=True)
                 except RuntimeError:  # no search in this torch/cuSPARSELt build: default algorithm
