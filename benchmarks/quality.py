@@ -108,7 +108,7 @@ def run_one(model, tokenizer, calib, method, label, args, options, extra, eval_k
     cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, device=args.device,
                       batch_size=args.batch_size, method_options=options, **extra)
     t = time.perf_counter()
-    result = prune(pruned, tokenizer, cfg, calib=calib, quiet=True)
+    result = prune(pruned, tokenizer, cfg, calib=calib, quiet=True).record
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t

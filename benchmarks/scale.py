@@ -95,7 +95,7 @@ def write_random_checkpoint(path: Path, shape: dict, blocks: int, seed: int = 0,
 
 def worker(args: argparse.Namespace) -> dict:
     """One pruning run in this (fresh) process; returns its row."""
-    from llmprune.stream import prune_checkpoint
+    from llmprune import prune_checkpoint
 
     method, spec = args.run.split("@")
     pattern, sparsity = ("unstructured", float(spec)) if ":" not in spec else (spec, None)
@@ -107,7 +107,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    record = prune_checkpoint(args.src, args.dst, config, calib=calib, quiet=args.quiet)
+    record = prune_checkpoint(args.src, args.dst, config, calib=calib, quiet=args.quiet).record
     seconds = time.perf_counter() - t0
     sec = record["seconds"]
     per_block = sec["blocks"]

@@ -2,11 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .api import evaluate, prune  # noqa: E402
+from .api import PruneResult, evaluate, prune, prune_checkpoint  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
 from .models import load_model  # noqa: E402
-from .stream import prune_checkpoint  # noqa: E402
 
 
 def load(path: str, **kwargs):  # noqa: ANN201
@@ -16,4 +15,4 @@ def load(path: str, **kwargs):  # noqa: ANN201
     return _load(path, **kwargs)
 
 
-__all__ = ["PruneConfig", "LLMPruneError", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]
+__all__ = ["PruneConfig", "PruneResult", "LLMPruneError", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]

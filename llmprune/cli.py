@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,17 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return cfg
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    if args.save and Path(args.save).exists() and not args.overwrite:
+def _own_earlier_output(args: argparse.Namespace, config: PruneConfig) -> bool:
+    """``--save DIR`` was written by this very run before it was killed (``--resume`` may replace it)."""
+    run = Path(args.save) / "llmprune_run.json"
+    try:
+        return config.resume and json.loads(run.read_text()).get("config") == config.to_dict()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_outputs(args: argparse.Namespace, config: PruneConfig) -> None:
+    if args.save and Path(args.save).exists() and not args.overwrite and not _own_earlier_output(args, config):
         raise LLMPruneError(f"--save {args.save} exists; pass --overwrite to replace it")
     for flag, value in (("--eval-seqlen", args.eval_seqlen), ("--eval-batch-size", args.eval_batch_size)):
         if value < 2 - (flag == "--eval-batch-size"):
@@ -96,58 +105,66 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """The main job: load, (evaluate,) prune, evaluate, save, report."""
-    from .api import evaluate, prune
+    """The main job: load, (evaluate,) prune, save, evaluate, report. Every step is the API's.
+
+    The checkpoint is published before the evaluation, and the work dir removed only after the last
+    output (the run record) is written, so nothing finished is lost to a late failure or a kill.
+    """
+    from .api import evaluate, prune, prune_checkpoint
     from .models import default_model, load_model
     from .report import environment, write_json_atomic
 
     config = config_from_args(args)
-    config.validate()
-    _check_outputs(args)
+    plan = config.plan()  # the one validation of the settings
+    _check_outputs(args, config)
+    if config.stream:
+        _check_streamed(args)
     source = args.model or default_model()
     record: dict[str, Any] = {"command": ["python", "-m", "llmprune", *argv], "model": source, "env": environment(),
                               "config": config.to_dict(), "seconds": {}, "ppl": {}}
     sec = record["seconds"]
 
+    def timed(phase: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sec[phase] = time.perf_counter() - t
+        return out
+
+    def publish() -> None:
+        if args.report:
+            write_json_atomic(args.report, record)
+        if args.save:
+            write_json_atomic(Path(args.save) / "llmprune_run.json", record)
+
     if config.stream:
-        return _run_streamed(args, config, record)
-    t = time.perf_counter()
-    model, tokenizer = load_model(source, args.dtype)
-    sec["load"] = time.perf_counter() - t
+        result = timed("prune_and_save", prune_checkpoint, args.model, args.save, config, fmt=args.format,
+                       overwrite=True, dtype=args.dtype, quiet=args.quiet, run_record=record, plan=plan)
+        record["prune"] = result.record
+        publish()
+        return record
+    model, tokenizer = timed("load", load_model, source, args.dtype)
     eval_kw = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, device=config.device, data_dir=config.data_dir,
                    batch_size=args.eval_batch_size, quiet=args.quiet)
     if args.eval and args.eval_dense:
-        t = time.perf_counter()
-        record["ppl"]["dense"] = evaluate(model, tokenizer, args.eval, **eval_kw)
-        sec["eval_dense"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    record["prune"] = prune(model, tokenizer, config, quiet=args.quiet)
-    sec["prune"] = time.perf_counter() - t
-
-    if args.eval:
-        t = time.perf_counter()
-        record["ppl"]["pruned"] = evaluate(model, tokenizer, args.eval, **eval_kw)
-        sec["eval"] = time.perf_counter() - t
+        record["ppl"]["dense"] = timed("eval_dense", evaluate, model, tokenizer, args.eval, **eval_kw)
+    result = timed("prune", prune, model, tokenizer, config, quiet=args.quiet, plan=plan)
+    record["prune"] = result.record
     if args.save:
-        from .export import save_pruned
-
-        t = time.perf_counter()
-        pattern = config.resolved_pattern()  # per layer, since OWL allocation varies the sparsity by block
-        patterns = {f"{layer['name']}.weight": replace(pattern, sparsity=layer["target"])
-                    for layer in record["prune"]["layers"]}
-        save_pruned(model, tokenizer, args.save, args.format, patterns, overwrite=args.overwrite,
-                    extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})
-        sec["save"] = time.perf_counter() - t
-    if args.report:
-        write_json_atomic(args.report, record)
+        timed("save", result.save, args.save, args.format, overwrite=True, keep_work_dir=True,
+              extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})
+    if args.eval:
+        try:
+            record["ppl"]["pruned"] = timed("eval", evaluate, model, tokenizer, args.eval, **eval_kw)
+        except (LLMPruneError, KeyboardInterrupt) as e:
+            record["eval_error"] = str(e) or type(e).__name__
+            publish()  # the saved model stays, with a record that says the evaluation failed
+            raise
+    publish()
+    result.finish()
     return record
 
 
-def _run_streamed(args: argparse.Namespace, config: PruneConfig, record: dict[str, Any]) -> dict[str, Any]:
-    """``--stream``: blocks are read from the checkpoint on disk and written out one at a time."""
-    from .stream import prune_checkpoint
-
+def _check_streamed(args: argparse.Namespace) -> None:
     if not args.model or not Path(args.model).is_dir():
         raise LLMPruneError("--stream needs --model DIR (a safetensors checkpoint directory)")
     if not args.save:
@@ -155,15 +172,6 @@ def _run_streamed(args: argparse.Namespace, config: PruneConfig, record: dict[st
     if args.eval:
         raise LLMPruneError("--stream does not evaluate (the model is never whole in memory); "
                             "evaluate the saved checkpoint with llmprune.load + llmprune.evaluate")
-    t = time.perf_counter()
-    record["prune"] = prune_checkpoint(args.model, args.save, config, fmt=args.format, overwrite=args.overwrite,
-                                       dtype=args.dtype, quiet=args.quiet, run_record=record)
-    record["seconds"]["prune_and_save"] = time.perf_counter() - t
-    if args.report:
-        from .report import write_json_atomic
-
-        write_json_atomic(args.report, record)
-    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,5 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmprune: interrupted; no output was written", file=sys.stderr)
+        work = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--work-dir"), None)
+        kept = f"; finished blocks are kept in {work}: rerun the same command with --resume" if work else ""
+        print(f"llmprune: interrupted{kept}", file=sys.stderr)
         return 130

@@ -1,10 +1,14 @@
-"""``PruneConfig``: every choice of a pruning run, shared by the Python API and the CLI."""
+"""``PruneConfig``: every choice of a pruning run, shared by the Python API and the CLI.
+
+``PruneConfig.plan()`` validates it once and resolves it into the engine's :class:`~llmprune.engine.Plan`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .engine.plan import OwlPlan, Plan, RunOptions, resolve_device
 from .errors import LLMPruneError
 from .methods import METHODS
 from .patterns import Pattern, parse_pattern
@@ -64,8 +68,18 @@ class PruneConfig:
             raise LLMPruneError(f"method {self.method} has no option(s) {', '.join(sorted(unknown))}")
         return method.config_cls(**self.method_options)
 
-    def validate(self) -> None:
-        """Refuse impossible settings before any work starts."""
+    def plan(self) -> Plan:
+        """Refuse impossible settings before any work starts; the validated plan the engine runs."""
+        self._check()
+        return Plan(
+            method=self.method, method_config=self.method_config(), pattern=self.resolved_pattern(),
+            skip=tuple(self.skip), batch_size=self.batch_size, sequential=self.sequential,
+            dense_targets=self.dense_targets, tune_epochs=self.tune_epochs, tune_lr=self.tune_lr,
+            owl=OwlPlan(self.owl_lambda, self.owl_m) if self.allocation == "owl" else None, seed=self.seed,
+            run=RunOptions(resolve_device(self.device), self.offload_activations, self.work_dir, self.resume),
+        )
+
+    def _check(self) -> None:
         if self.method not in METHODS:
             raise LLMPruneError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         self.resolved_pattern()

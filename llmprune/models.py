@@ -125,12 +125,16 @@ def move_non_block_modules(model: nn.Module, blocks: nn.ModuleList, device: torc
     visit(model)
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move tensors nested in tuples, lists and dicts (block keyword arguments)."""
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """Move tensors nested in tuples, lists and dicts (block keyword arguments). A tensor reached twice is
+    moved once (``memo``), so the masks and rotary tables that blocks share stay shared."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # keep obj alive so its id is not reused
+        return memo[id(obj)][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj

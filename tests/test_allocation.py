@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmprune import LLMPruneError
-from llmprune.allocation import outlier_ratio, owl_sparsities
+from llmprune.stages.owl import outlier_ratio, owl_sparsities
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean():

@@ -10,7 +10,8 @@ from torch import nn
 
 import llmprune
 from llmprune import LLMPruneError, PruneConfig
-from llmprune.engine import XtXCollector, run_block, capture_inputs
+from llmprune.engine import StatsCollector, capture_inputs
+from llmprune.engine.block import run_block
 from llmprune.models import find_blocks, find_linears
 from llmprune.patterns import count, parse_pattern
 
@@ -23,7 +24,7 @@ PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8",
 
 def _prune(model, **kw) -> dict:
     kw.setdefault("batch_size", 4)  # 6 windows -> batches of 4 and 2: both kwarg shapes are exercised
-    return llmprune.prune(model, None, PruneConfig(**kw), calib=CALIB, quiet=True)
+    return llmprune.prune(model, None, PruneConfig(**kw), calib=CALIB, quiet=True).record
 
 
 def _methods() -> list[str]:
@@ -103,14 +104,34 @@ def test_shared_inputs_share_one_xtx():
     model = tiny_model()
     _, blocks = find_blocks(model)
     acts = capture_inputs(model, blocks, CALIB, 4, torch.device("cpu"), torch.device("cpu"))
-    collector = XtXCollector(find_linears(blocks[0], "b"), torch.device("cpu"))
+    collector = StatsCollector(find_linears(blocks[0], "b"), torch.device("cpu"), ("xtx", "input_sq"))
     run_block(blocks[0], acts, torch.device("cpu"), replace=False, collector=collector)
     collector.remove()
     groups = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in collector.groups()]
     assert groups == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     # the shared statistics are the exact XᵀX of the block's normalised input
     x = torch.cat([blocks[0].input_layernorm(h) for h in acts.batches]).reshape(-1, 64)
-    torch.testing.assert_close(collector.get("b.self_attn.k_proj"), x.T @ x, rtol=1e-4, atol=1e-3)
+    stats = collector.get("b.self_attn.k_proj")
+    torch.testing.assert_close(stats.xtx, x.T @ x, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stats.input_sq, x.square().sum(0), rtol=1e-4, atol=1e-3)  # O(d): Wanda's, OWL's
+
+
+def test_each_method_collects_only_what_it_declares(monkeypatch):
+    """Wanda gets the O(d) input norms and never a d x d Gram; magnitude gets nothing."""
+    seen = {}
+    real = StatsCollector.__init__
+
+    def spy(self, linears, device, wants, *a, **kw):
+        seen.setdefault(tuple(sorted(wants)), 0)
+        real(self, linears, device, wants, *a, **kw)
+
+    monkeypatch.setattr(StatsCollector, "__init__", spy)
+    for method in ("wanda", "magnitude", "admm"):
+        seen.clear()
+        record = _prune(tiny_model(), method=method, pattern="2:4")
+        assert list(seen) == [{"wanda": ("input_sq",), "magnitude": (), "admm": ("xtx",)}[method]]
+        errs = [r["recon_error"] for r in record["layers"]]
+        assert all(0 < e < 1 for e in errs), (method, errs)  # exact errors all the same (ErrorMeter without XᵀX)
 
 
 def test_gpt2_conv1d_is_refused_clearly():

@@ -7,10 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmprune.methods import METHODS, dense_target, paired_error, reconstruction_error
+from llmprune.methods import METHODS, LayerStats, dense_target, paired_error, reconstruction_error
 from llmprune.methods.admm import ADMMConfig, admm_prune
 from llmprune.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from llmprune.patterns import Pattern, count, parse_pattern
+
+S = LayerStats.from_xtx  # both statistics from a Gram matrix: every method gets what it declares
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +55,7 @@ def _pattern(key: str) -> Pattern:
 def _run(name: str, layer: Layer, pattern: Pattern, config: object | None = None) -> torch.Tensor:
     w, xtx = layer
     method = METHODS[name]
-    result = method.fn(w.clone(), xtx, pattern, config or method.default_config())
+    result = method.fn(w.clone(), S(xtx), pattern, config or method.default_config())
     return result.weight
 
 
@@ -77,7 +79,7 @@ def test_exact_sparsity_and_no_violations(name: str, key: str, layer: Layer) -> 
     w, xtx = layer
     p = _pattern(key)
     method = METHODS[name]
-    res = method.fn(w.clone(), xtx, p, method.default_config())
+    res = method.fn(w.clone(), S(xtx), p, method.default_config())
     assert res.weight.shape == w.shape and res.weight.dtype == torch.float32
     assert res.mask.dtype == torch.bool and res.mask.shape == w.shape
     assert torch.isfinite(res.weight).all()
@@ -97,7 +99,7 @@ def test_reconstruction_error_ordering(key: str, layer: Layer) -> None:
     assert err["admm"] < err["sparsegpt"]
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if METHODS[n].needs_xtx])
+@pytest.mark.parametrize("name", [n for n in METHODS if METHODS[n].stats])
 def test_sparsity_zero_returns_weight_unchanged(name: str, layer: Layer) -> None:
     w, _ = layer
     p = parse_pattern("unstructured", 0.0)
@@ -149,7 +151,7 @@ def test_admm_paper_config_is_reachable() -> None:
 def test_admm_odd_schedules_still_reach_the_pattern(config: ADMMConfig, layer: Layer) -> None:
     w, xtx = layer
     p = _pattern("2:4")
-    res = admm_prune(w.clone(), xtx, p, config)
+    res = admm_prune(w.clone(), S(xtx), p, config)
     assert p.violations(res.weight) == 0 and int((~res.mask).sum()) == _pruned(p, w.shape)
 
 
@@ -158,7 +160,7 @@ def test_admm_odd_schedules_still_reach_the_pattern(config: ADMMConfig, layer: L
 def test_sparsegpt_any_blocksize_is_exact(blocksize: int, key: str, layer: Layer) -> None:
     w, xtx = layer
     p = _pattern(key)
-    res = sparsegpt_prune(w.clone(), xtx, p, SparseGPTConfig(blocksize=blocksize))
+    res = sparsegpt_prune(w.clone(), S(xtx), p, SparseGPTConfig(blocksize=blocksize))
     assert p.violations(res.weight) == 0 and int((~res.mask).sum()) == _pruned(p, w.shape)
 
 
@@ -169,7 +171,7 @@ def test_dead_input_features(name: str, layer: Layer) -> None:
     xtx[:3] = 0  # features never active during calibration
     xtx[:, :3] = 0
     p = _pattern("2:4")
-    out = METHODS[name].fn(w.clone(), xtx, p, METHODS[name].default_config()).weight
+    out = METHODS[name].fn(w.clone(), S(xtx), p, METHODS[name].default_config()).weight
     assert torch.isfinite(out).all() and p.violations(out) == 0
     assert _err((w, xtx), out) < _err((w, xtx), _run("wanda", (w, xtx), p))
 
@@ -180,7 +182,7 @@ def test_non_finite_result_raises(name: str, layer: Layer) -> None:
     w = w.clone()
     w[3, 5] = float("nan")
     with pytest.raises(FloatingPointError):
-        METHODS[name].fn(w, xtx, _pattern("row50"), METHODS[name].default_config())
+        METHODS[name].fn(w, S(xtx), _pattern("row50"), METHODS[name].default_config())
 
 
 @pytest.mark.gpu
@@ -191,8 +193,8 @@ def test_cuda_matches_cpu(name: str, layer: Layer) -> None:
     w, xtx = layer
     p = _pattern("2:4")
     cfg = METHODS[name].default_config()
-    cpu = METHODS[name].fn(w.clone(), xtx, p, cfg)
-    gpu = METHODS[name].fn(w.cuda(), xtx.cuda(), p, cfg)
+    cpu = METHODS[name].fn(w.clone(), S(xtx), p, cfg)
+    gpu = METHODS[name].fn(w.cuda(), S(xtx.cuda()), p, cfg)
     assert gpu.weight.is_cuda and p.violations(gpu.weight.cpu()) == 0
     assert abs(_err(layer, gpu.weight.cpu()) - _err(layer, cpu.weight)) < 0.05 * _err(layer, cpu.weight)
 
@@ -227,6 +229,6 @@ def test_pruning_the_dense_target_fits_the_dense_outputs_better(name: str, key: 
     xtx, xtd, dense_sq = xp.T @ xp, xp.T @ xd, float((xd @ w.T).square().sum())
     method = METHODS[name]
     config = method.default_config()
-    plain = method.fn(w.clone(), xtx, _pattern(key), config).weight
-    fitted = method.fn(dense_target(w, xtx, xtd, config.percdamp), xtx, _pattern(key), config).weight
+    plain = method.fn(w.clone(), S(xtx), _pattern(key), config).weight
+    fitted = method.fn(dense_target(w, xtx, xtd, config.percdamp), S(xtx), _pattern(key), config).weight
     assert paired_error(w, fitted, xtx, xtd, dense_sq) < 0.9 * paired_error(w, plain, xtx, xtd, dense_sq)

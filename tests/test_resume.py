@@ -16,7 +16,7 @@ import llmprune
 from llmprune import LLMPruneError, PruneConfig
 from llmprune.engine import InPlaceBlocks
 from llmprune.models import load_model
-from llmprune.stream import prune_checkpoint
+from llmprune import prune_checkpoint
 
 from .conftest import tiny_model
 
@@ -32,7 +32,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, sys, time, torch
     torch.set_num_threads(1)
     from llmprune import PruneConfig
-    from llmprune.stream import prune_checkpoint
+    from llmprune import prune_checkpoint
 
     src, out, work, calib, where = sys.argv[1:]
     real_replace, commits = os.replace, []
@@ -95,10 +95,10 @@ def test_killed_stream_run_resumes_bit_identical(tmp_path, src, where):
     if where == "mid":  # stray files of the unfinished commit, which the resumed run must ignore
         assert (work / "block-00002.safetensors").is_file() and list(work.glob(".state.json.*.tmp"))
 
-    record = prune_checkpoint(src, tmp_path / "out", _config(work_dir=str(work), resume=True), calib=CALIB, quiet=True)
+    record = prune_checkpoint(src, tmp_path / "out", _config(work_dir=str(work), resume=True), calib=CALIB, quiet=True).record
     assert record["resumed_from"] == 2 and len(record["seconds"]["blocks"]) == LAYERS
     assert not work.exists()  # removed once the output is published
-    ref = prune_checkpoint(src, tmp_path / "ref", _config(), calib=CALIB, quiet=True)
+    ref = prune_checkpoint(src, tmp_path / "ref", _config(), calib=CALIB, quiet=True).record
     _assert_same_checkpoint(tmp_path / "out", tmp_path / "ref")
     assert [r["recon_error"] for r in record["layers"]] == [r["recon_error"] for r in ref["layers"]]
 
@@ -129,10 +129,16 @@ def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     _interrupted_run(monkeypatch, src, work, 1, **extra)
 
     resumed, _ = load_model(str(src))
-    record = llmprune.prune(resumed, None, _config(work_dir=work, resume=True, **extra), calib=CALIB, quiet=True)
-    assert record["resumed_from"] == 2 and not Path(work).exists()
+    result = llmprune.prune(resumed, None, _config(work_dir=work, resume=True, **extra), calib=CALIB, quiet=True)
+    record = result.record
+    assert record["resumed_from"] == 2 and Path(work).exists()  # kept until the output is safe
+    result.finish()
+    assert not Path(work).exists()
     ref, _ = load_model(str(src))
-    ref_record = llmprune.prune(ref, None, _config(**extra), calib=CALIB, quiet=True)
+    ref_result = llmprune.prune(ref, None, _config(**extra), calib=CALIB, quiet=True)
+    ref_record = ref_result.record
+    assert result.masks.keys() == ref_result.masks.keys()  # restored blocks' masks come back from the work dir
+    assert all(torch.equal(result.masks[k].unpack(), ref_result.masks[k].unpack()) for k in result.masks)
     assert record.get("allocation") == ref_record.get("allocation") and record.get("tune") == ref_record.get("tune")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
 
@@ -144,10 +150,10 @@ def test_resume_refuses_a_different_run(tmp_path, src, monkeypatch):
     model, _ = load_model(str(src))
     with pytest.raises(LLMPruneError, match="pass --resume"):
         llmprune.prune(model, None, _config(work_dir=work), calib=CALIB, quiet=True)
-    with pytest.raises(LLMPruneError, match="config.method: saved 'admm', now 'wanda'"):
+    with pytest.raises(LLMPruneError, match="plan.method: saved 'admm', now 'wanda'"):
         llmprune.prune(model, None, PruneConfig(method="wanda", pattern="2:4", batch_size=4, work_dir=work, resume=True),
                        calib=CALIB, quiet=True)
     with pytest.raises(LLMPruneError, match="calib.sha256"):
         llmprune.prune(model, None, _config(work_dir=work, resume=True), calib=CALIB.flip(0), quiet=True)
     with pytest.raises(LLMPruneError, match="needs --work-dir"):
-        _config(resume=True).validate()
+        _config(resume=True).plan()

@@ -14,7 +14,9 @@ from llmprune import LLMPruneError, PruneConfig
 from llmprune.engine import capture_inputs
 from llmprune.models import find_blocks, load_model
 from llmprune.shards import SafetensorsDir
-from llmprune.stream import StreamBlocks, prune_checkpoint, skeleton
+from llmprune import prune_checkpoint
+from llmprune.engine import StreamBlocks
+from llmprune.engine.sources import skeleton
 
 from .conftest import tiny_model
 
@@ -47,12 +49,14 @@ def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dty
     acts = StreamBlocks(lazy, prefix, lazy_blocks, shards, None, []).capture(CALIB, 4, CPU, CPU)
     assert len(acts.batches) == 2 and all(torch.equal(a, b) for a, b in zip(acts.batches, ref.batches))
     assert acts.batches[0].dtype == dtype
-    assert acts.kwargs.keys() == ref.kwargs.keys()
-    for size, kwargs in ref.kwargs.items():
-        assert kwargs.keys() == acts.kwargs[size].keys()
-        flat = [(a, b) for k in kwargs for a, b in zip(torch.utils._pytree.tree_leaves(kwargs[k]),
-                                                       torch.utils._pytree.tree_leaves(acts.kwargs[size][k]))]
-        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in flat)
+    assert len(acts.kwargs) == len(ref.kwargs) == len(blocks)  # every block's own kwargs
+    for ours, theirs in zip(acts.kwargs, ref.kwargs):
+        assert ours.keys() == theirs.keys()
+        for size, kwargs in theirs.items():
+            assert kwargs.keys() == ours[size].keys()
+            flat = [(a, b) for k in kwargs for a, b in zip(torch.utils._pytree.tree_leaves(kwargs[k]),
+                                                           torch.utils._pytree.tree_leaves(ours[size][k]))]
+            assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in flat)
     assert all(p.is_meta for p in lazy.parameters())  # what capture read is dropped again
 
 
@@ -67,8 +71,8 @@ def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, 
     src = _save(tmp_path / "m", tokenizer, **layout)
     config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, batch_size=4, **extra)
     model, _ = load_model(str(src))
-    ref = llmprune.prune(model, None, config, calib=CALIB, quiet=True)
-    record = prune_checkpoint(src, tmp_path / "out", config, calib=CALIB, quiet=True)
+    ref = llmprune.prune(model, None, config, calib=CALIB, quiet=True).record
+    record = prune_checkpoint(src, tmp_path / "out", config, calib=CALIB, quiet=True).record
 
     pruned = llmprune.load(tmp_path / "out")
     got, want = pruned.state_dict(), model.state_dict()
@@ -83,7 +87,7 @@ def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, 
 def test_calibration_text_and_tokenizer_come_from_the_checkpoint(tmp_path, tokenizer, text_file):
     src = _save(tmp_path / "m", tokenizer)
     config = PruneConfig(method="wanda", pattern="2:4", calib=str(text_file), nsamples=4, seqlen=32)
-    record = prune_checkpoint(src, tmp_path / "out", config, quiet=True)
+    record = prune_checkpoint(src, tmp_path / "out", config, quiet=True).record
     assert record["sparsity"] == 0.5 and (tmp_path / "out" / "tokenizer.json").is_file()
 
 
@@ -121,7 +125,7 @@ def test_damaged_checkpoint_is_refused_before_pruning(tmp_path, monkeypatch, sha
     def never(*_a, **_k):
         raise AssertionError("pruning started")
 
-    monkeypatch.setattr("llmprune.stream.run_blocks", never)
+    monkeypatch.setattr("llmprune.api.run_blocks", never)
     with pytest.raises(LLMPruneError, match=message):
         prune_checkpoint(src, tmp_path / "out", PruneConfig(pattern="2:4"), calib=CALIB, quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no output, no temp folder left behind
@@ -136,7 +140,7 @@ def sharded(tmp_path_factory) -> Path:
 def test_existing_output_is_refused_before_pruning(tmp_path, monkeypatch):
     src = _save(tmp_path / "m")
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr("llmprune.stream.run_blocks", lambda *a, **k: pytest.fail("pruning started"))
+    monkeypatch.setattr("llmprune.api.run_blocks", lambda *a, **k: pytest.fail("pruning started"))
     with pytest.raises(LLMPruneError, match="already exists"):
         prune_checkpoint(src, tmp_path / "out", PruneConfig(pattern="2:4"), calib=CALIB, quiet=True)
 

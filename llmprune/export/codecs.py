@@ -19,6 +19,8 @@ groups with fewer non-zeros get zero-valued slots. Zeros always decode as ``+0.0
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..errors import LLMPruneError
@@ -72,6 +74,20 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...], name: str = "bitma
     return bits[..., : shape[-1]]
 
 
+class PackedMask(NamedTuple):
+    """A pruning mask kept at one bit a weight (:func:`pack_bits` layout); :meth:`unpack` gives the bool tensor."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> PackedMask:
+        return cls(pack_bits(mask.to("cpu")), tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape, verify=False)
+
+
 def _group_shape(shape: tuple[int, int], pattern: Pattern) -> tuple[int, int, int]:
     """``[rows of groups, groups per row, group size]`` of a structured pattern on an ``[out, in]`` weight."""
     if pattern.kind == "nm":
@@ -105,12 +121,24 @@ def check(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
                             f"(sparsity {pattern.sparsity:g})")
 
 
-def encode(weight: torch.Tensor, pattern: Pattern, name: str) -> dict[str, torch.Tensor]:
-    """Compress ``weight`` (which must obey ``pattern``) into its parts, keyed by suffix."""
+def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Compress ``weight`` (which must obey ``pattern``) into its parts, keyed by suffix.
+
+    ``mask``: the positions the pruner kept (which must obey the pattern and cover every non-zero);
+    without it they are read off the non-zeros.
+    """
     check(weight, pattern, name)
+    if mask is not None:
+        mask = mask.to(weight.device)
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise LLMPruneError(f"{name}: mask {mask.dtype} {tuple(mask.shape)} does not fit weight {tuple(weight.shape)}")
+        if bool(weight[~mask].any()):
+            raise LLMPruneError(f"{name}: non-zero weights outside the pruner's mask")
+        if bad := pattern.violations(mask):
+            raise LLMPruneError(f"{name}: the mask breaks pattern {pattern} in {bad} group(s)")
     shape = torch.tensor(weight.shape, dtype=torch.int64)
     if pattern.kind == "unstructured":
-        keep = weight != 0
+        keep = weight != 0 if mask is None else mask
         counts = keep.sum(1)
         return {
             "compressed": weight[keep],
@@ -120,9 +148,11 @@ def encode(weight: torch.Tensor, pattern: Pattern, name: str) -> dict[str, torch
         }
     groups = _groups(weight, pattern)
     size, n = groups.shape[-1], (pattern.n if pattern.kind == "nm" else pattern.k)
-    # Exactly n slots per group: the non-zeros first, then the earliest zeros (unique keys, so deterministic).
+    # Exactly n slots per group: the kept (or non-zero) positions first, then the earliest others (unique
+    # keys, so deterministic).
     position = torch.arange(size - 1, -1, -1, dtype=torch.int32, device=weight.device)
-    key = (groups != 0).to(torch.int32) * size + position
+    kept = groups != 0 if mask is None else _groups(mask, pattern)
+    key = kept.to(torch.int32) * size + position
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, key.topk(n, dim=-1).indices, True)
     values = groups[keep].reshape(groups.shape[0], -1)
     values = values.masked_fill(values == 0, 0)  # -0.0 in a padding slot -> +0.0, as everywhere else

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..errors import LLMPruneError
 from ..patterns import Pattern
 from . import schema
-from .codecs import check, encode, prefix_of
+from .codecs import PackedMask, check, encode, prefix_of
 
 _RESERVED = ("config.json", "generation_config.json", schema.INDEX_NAME)
 
@@ -81,9 +81,11 @@ class CheckpointWriter:
             self._tmp = None
             self._buffer.clear()
 
-    def add(self, name: str, tensor: torch.Tensor, pattern: Pattern | None = None) -> None:
+    def add(self, name: str, tensor: torch.Tensor, pattern: Pattern | None = None,
+            mask: torch.Tensor | PackedMask | None = None) -> None:
         """Store ``tensor`` under ``name``; with ``pattern`` it is a pruned weight, verified and (in the
-        compressed format) stored as its parts ``<prefix>.compressed`` etc."""
+        compressed format) stored as its parts ``<prefix>.compressed`` etc. ``mask`` is the pruner's own
+        mask (bool, or packed): the stored positions are exactly it, never guessed from zeros."""
         self._live()
         if name in self._targets:
             raise LLMPruneError(f"{name} was added twice")
@@ -91,8 +93,10 @@ class CheckpointWriter:
         if pattern is None:
             self._put(name, tensor)
             return
+        if isinstance(mask, PackedMask):
+            mask = mask.unpack()
         if self.fmt == "compressed":
-            for suffix, part in encode(tensor, pattern, name).items():
+            for suffix, part in encode(tensor, pattern, name, mask).items():
                 self._put(f"{prefix_of(name)}.{suffix}", part)
         else:
             check(tensor, pattern, name)  # the dense format still refuses a weight that breaks its pattern
@@ -182,23 +186,36 @@ class CheckpointWriter:
                 old.unlink()
 
 
+def output_config(model: torch.nn.Module) -> Any:
+    """The config a checkpoint of ``model`` is saved with."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = next(iter(model.state_dict().values())).dtype if model.dtype is None else model.dtype
+    return config
+
+
+def ignored_linears(model: torch.nn.Module, patterns: dict[str, Pattern]) -> list[str]:
+    """Linear weights left dense (compressed-tensors' ``ignore`` list)."""
+    return [f"{n}.weight" for n, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and f"{n}.weight" not in patterns]
+
+
 def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLike, fmt: str = "compressed",
-                patterns: dict[str, Pattern] | None = None, overwrite: bool = False,
-                extra_files: dict[str, bytes | str] | None = None, max_shard_bytes: int = 2**30) -> Path:
-    """Save an in-memory pruned model; ``patterns`` maps parameter names to the pattern each obeys.
+                patterns: dict[str, Pattern] | None = None, masks: dict[str, torch.Tensor | PackedMask] | None = None,
+                overwrite: bool = False, extra_files: dict[str, bytes | str] | None = None,
+                max_shard_bytes: int = 2**30) -> Path:
+    """Save an in-memory pruned model; ``patterns`` maps parameter names to the pattern each obeys and
+    ``masks`` (optional) to the mask its pruner chose (usually from :class:`llmprune.PruneResult`).
 
     Tensors stream through :class:`CheckpointWriter` one at a time; tied weights are stored once (the first
     name, as ``save_pretrained`` does), and Linear weights left dense are listed as ``ignore``.
     """
-    patterns = dict(patterns or {})
+    patterns, masks = dict(patterns or {}), dict(masks or {})
     state = model.state_dict()
-    if unknown := sorted(set(patterns) - set(state)):
-        raise LLMPruneError(f"pattern given for {unknown[0]}, which is not a parameter of the model")
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.dtype = model.dtype
-    ignore = [f"{n}.weight" for n, mod in model.named_modules()
-              if isinstance(mod, torch.nn.Linear) and f"{n}.weight" not in patterns]
+    if unknown := sorted((set(patterns) | set(masks)) - set(state)):
+        raise LLMPruneError(f"pattern or mask given for {unknown[0]}, which is not a parameter of the model")
+    config = output_config(model)
+    ignore = ignored_linears(model, patterns)
     seen: dict[tuple, str] = {}
     with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:
         for name, tensor in state.items():
@@ -208,6 +225,6 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLi
                     raise LLMPruneError(f"{name} is tied to {seen[key]}; prune {seen[key]} instead")
                 continue
             seen[key] = name
-            writer.add(name, tensor, patterns.get(name))
+            writer.add(name, tensor, patterns.get(name), masks.get(name))
         generation = model.generation_config if getattr(model, "can_generate", lambda: False)() else None
         return writer.finish(config, tokenizer, {"ignore": ignore}, extra_files, generation)

@@ -1,7 +1,7 @@
 """Pruning methods, one folder each; ``METHODS`` is the registry the engine and CLI read."""
 
 from .admm import ADMMConfig, admm_prune
-from .base import Method, PruneResult, dense_target, paired_error, reconstruction_error
+from .base import STATISTICS, LayerStats, Method, PruneResult, dense_target, paired_error, reconstruction_error
 from .magnitude import MagnitudeConfig, magnitude_prune
 from .sparsegpt import SparseGPTConfig, sparsegpt_prune
 from .wanda import WandaConfig, wanda_prune
@@ -13,9 +13,9 @@ METHODS: dict[str, Method] = {
         Method(
             "sparsegpt", SparseGPTConfig, sparsegpt_prune, help="OBS column-block update (Frantar & Alistarh 2023)"
         ),
-        Method("wanda", WandaConfig, wanda_prune, weight_update=False, help="|W|·‖x‖ scores, no weight update (Sun et al. 2023)"),
-        Method("magnitude", MagnitudeConfig, magnitude_prune, needs_xtx=False, weight_update=False, help="|W| scores, data-free"),
+        Method("wanda", WandaConfig, wanda_prune, stats=("input_sq",), weight_update=False, help="|W|·‖x‖ scores, no weight update (Sun et al. 2023)"),
+        Method("magnitude", MagnitudeConfig, magnitude_prune, stats=(), weight_update=False, help="|W| scores, data-free"),
     )
 }
 
-__all__ = ["METHODS", "Method", "PruneResult", "dense_target", "paired_error", "reconstruction_error"]
+__all__ = ["METHODS", "STATISTICS", "LayerStats", "Method", "PruneResult", "dense_target", "paired_error", "reconstruction_error"]

@@ -1,10 +1,12 @@
 """The contract every pruning method follows.
 
-A method is a pure function ``fn(weight, xtx, pattern, config) -> PruneResult``:
+A method is a pure function ``fn(weight, stats, pattern, config) -> PruneResult``:
 
 - ``weight``: ``[out, in]`` fp32 tensor (a copy: methods may modify it);
-- ``xtx``: ``[in, in]`` fp32 sum of ``x xᵀ`` over calibration tokens (undamped), or ``None`` for
-  methods that need no data (magnitude);
+- ``stats``: :class:`LayerStats`, holding what the method declares in ``Method.stats`` and nothing
+  more, so the engine collects only that: ``"xtx"`` is the ``[in, in]`` fp32 sum of ``x xᵀ`` over
+  calibration tokens (undamped, O(d²)), ``"input_sq"`` the ``[in]`` sum of ``x²`` per input feature
+  (O(d), Wanda's ‖x_j‖²); methods that need no data (magnitude) declare nothing;
 - ``pattern``: a :class:`llmprune.patterns.Pattern`;
 - ``config``: the method's own dataclass (fields carry ``help`` metadata for the CLI).
 
@@ -20,6 +22,21 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 
+STATISTICS = ("xtx", "input_sq")
+
+
+class LayerStats(NamedTuple):
+    """Calibration statistics of one Linear's input; a field a method did not declare is ``None``."""
+
+    xtx: torch.Tensor | None = None
+    input_sq: torch.Tensor | None = None
+
+    @classmethod
+    def from_xtx(cls, xtx: torch.Tensor) -> LayerStats:
+        """Both statistics from a Gram matrix (``input_sq`` is its diagonal)."""
+        return cls(xtx, torch.diag(xtx).clone())
+
+
 class PruneResult(NamedTuple):
     weight: torch.Tensor
     mask: torch.Tensor
@@ -30,7 +47,7 @@ class Method:
     name: str
     config_cls: type
     fn: Callable[..., PruneResult]
-    needs_xtx: bool = True
+    stats: tuple[str, ...] = ("xtx",)  # the statistics (of STATISTICS) the engine must collect for it
     weight_update: bool = True  # such a method's config has ``percdamp`` (used by the engine's dense targets)
     help: str = ""
 

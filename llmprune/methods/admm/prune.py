@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern
-from ..base import PruneResult, damped, spd_inverse
+from ..base import LayerStats, PruneResult, damped, spd_inverse
 from .cg import masked_cg
 from .config import ADMMConfig
 
@@ -41,9 +41,8 @@ def _ridge_inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
     return spd_inverse(shifted, f"admm: XᵀX + ρI (ρ={rho:g}; non-finite activations?)")
 
 
-def admm_prune(
-    weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: ADMMConfig
-) -> PruneResult:
+def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config: ADMMConfig) -> PruneResult:
+    xtx = stats.xtx
     if xtx is None:
         raise ValueError("admm needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...patterns import Pattern
-from ..base import PruneResult
+from ..base import LayerStats, PruneResult
 
 
 @dataclass
@@ -15,6 +15,6 @@ class MagnitudeConfig:
     """Magnitude pruning has no options."""
 
 
-def magnitude_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: MagnitudeConfig) -> PruneResult:
+def magnitude_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config: MagnitudeConfig) -> PruneResult:
     mask = pattern.project(weight.abs())
     return PruneResult(weight * mask, mask)

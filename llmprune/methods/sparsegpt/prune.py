@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern, count
-from ..base import PruneResult, damped, spd_inverse
+from ..base import LayerStats, PruneResult, damped, spd_inverse
 from .config import SparseGPTConfig
 
 
@@ -41,9 +41,8 @@ def _unstructured_block_mask(scores: torch.Tensor, pattern: Pattern, i1: int, i2
     return pruned.view_as(scores)
 
 
-def sparsegpt_prune(
-    weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: SparseGPTConfig
-) -> PruneResult:
+def sparsegpt_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config: SparseGPTConfig) -> PruneResult:
+    xtx = stats.xtx
     if xtx is None:
         raise ValueError("sparsegpt needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape)

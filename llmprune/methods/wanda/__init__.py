@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...patterns import Pattern
-from ..base import PruneResult
+from ..base import LayerStats, PruneResult
 
 
 @dataclass
@@ -15,9 +15,9 @@ class WandaConfig:
     """Wanda has no options: the score is |W| times the input-feature norm."""
 
 
-def wanda_prune(weight: torch.Tensor, xtx: torch.Tensor | None, pattern: Pattern, config: WandaConfig) -> PruneResult:
-    if xtx is None:
-        raise ValueError("wanda needs calibration statistics (XᵀX)")
-    norms = torch.diag(xtx).clamp_min(0).sqrt()
+def wanda_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config: WandaConfig) -> PruneResult:
+    if stats.input_sq is None:
+        raise ValueError("wanda needs calibration statistics (the input norms)")
+    norms = stats.input_sq.clamp_min(0).sqrt()
     mask = pattern.project(weight.abs() * norms.unsqueeze(0))
     return PruneResult(weight * mask, mask)

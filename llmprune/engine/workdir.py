@@ -1,7 +1,7 @@
 """The work directory that lets a killed run continue from its last finished block.
 
-After block ``i`` the engine commits, in this order: ``block-i.safetensors`` (the pruned block),
-``acts-(i+1).pt`` (the next block's inputs), then ``state.json`` saying ``done = i + 1``. Every file is
+After block ``i`` the engine commits, in this order: ``block-i.safetensors`` (the pruned block and,
+under ``mask:``-prefixed names, the masks its method chose, packed 8 to a byte), ``acts-(i+1).pt`` (the next block's inputs), then ``state.json`` saying ``done = i + 1``. Every file is
 written to a temp name, fsynced and renamed, and ``state.json`` is the commit point, so a kill at any
 moment leaves a state whose files all exist; anything newer is stray and gets overwritten.
 """
@@ -10,31 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import LLMPruneError
-from .models import to_device
+from ..errors import LLMPruneError
+from ..export.codecs import pack_bits, unpack_bits
+from ..models import to_device
+from ..report import write_atomic
 
 STATE = "state.json"
-VERSION = 1
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+VERSION = 2  # 2: the plan's fingerprint, per-block kwargs and masks
+MASK = "mask:"
 
 
 def _block(i: int) -> str:
@@ -74,21 +63,28 @@ class WorkDir:
                                 f"{'; '.join(diff[:4])}; use the same settings or another --work-dir")
         return state
 
-    def commit(self, done: int, acts: Any, record: dict[str, Any], block: dict[str, torch.Tensor] | None = None) -> None:
-        """Persist block ``done - 1`` (if given) and the inputs of block ``done``, then move the commit point."""
+    def commit(self, done: int, acts: Any, record: dict[str, Any], block: dict[str, torch.Tensor] | None = None,
+               masks: dict[str, torch.Tensor] | None = None) -> None:
+        """Persist block ``done - 1`` (if given) with its ``masks`` and the inputs of block ``done``, then move
+        the commit point."""
         if block is not None:
             cpu = {k: v.detach().to("cpu").contiguous() for k, v in block.items()}
-            _atomic(self.path / _block(done - 1), lambda tmp: save_file(cpu, tmp))
-        _atomic(self.path / _acts(done), lambda tmp: torch.save(to_device(acts, "cpu"), tmp))
+            cpu.update({f"{MASK}{k}": pack_bits(m.to("cpu")) for k, m in (masks or {}).items()})
+            write_atomic(self.path / _block(done - 1), lambda tmp: save_file(cpu, tmp))
+        write_atomic(self.path / _acts(done), lambda tmp: torch.save(to_device(acts, "cpu"), tmp))
         state = {"version": VERSION, "fingerprint": self.fingerprint, "done": done, "record": record}
-        _atomic(self.path / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
+        write_atomic(self.path / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
         (self.path / _acts(done - 1)).unlink(missing_ok=True)  # superseded now that the state points past it
 
     def acts(self, done: int) -> Any:
         return torch.load(self.path / _acts(done), weights_only=True)
 
-    def block(self, i: int) -> dict[str, torch.Tensor]:
-        return load_file(self.path / _block(i))
+    def block(self, i: int, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Saved block ``i``: its state dict and its masks (full weight names -> bool, shaped by ``shapes``)."""
+        saved = load_file(self.path / _block(i))
+        tensors = {k: v for k, v in saved.items() if not k.startswith(MASK)}
+        masks = {k[len(MASK):]: unpack_bits(v, shapes[k[len(MASK):]]) for k, v in saved.items() if k.startswith(MASK)}
+        return tensors, masks
 
     def remove(self) -> None:
         """Delete what this run wrote (state first, so a half-removed dir never looks resumable)."""

@@ -1,37 +1,76 @@
-"""Prune a checkpoint on disk without ever holding the whole model: blocks are read lazily from the
-safetensors shards, pruned one at a time and streamed out through :class:`CheckpointWriter`.
+"""Where decoder blocks come from and where the pruned ones go (the engine's :class:`Blocks`).
 
-The model is built as a skeleton (parameters on the meta device, buffers such as rotary frequencies
+:class:`InPlaceBlocks`: a model in memory, pruned in place. :class:`StreamBlocks`: a safetensors checkpoint
+read lazily, block by block, and written out through a :class:`CheckpointWriter` as each block is done.
+The streamed model is a skeleton (parameters on the meta device, buffers such as rotary frequencies
 computed for real by their modules' own init), so the captured inputs equal those of a model loaded
 whole. Host memory holds about one block, the writer's shard buffer and (with ``offload_activations``)
-the activations; the device holds one block, its XᵀX matrices and the activations.
-
-    record = prune_checkpoint("llama-2-7b/", "llama-2-7b-24/", PruneConfig(pattern="2:4"))
+the activations.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import time
-from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from .config import PruneConfig
-from .data import calibration_windows
-from .engine import Activations, capture_first_block, check_shapes, model_identity, run_blocks
-from .errors import LLMPruneError
-from .export import CheckpointWriter
-from .models import DTYPES, find_blocks, find_linears
-from .patterns import Pattern
-from .shards import SafetensorsDir
+from ..errors import LLMPruneError
+from ..export import CheckpointWriter
+from ..models import DTYPES, find_linears
+from ..patterns import Pattern
+from ..shards import SafetensorsDir
+from .capture import Activations, capture_blocks, capture_inputs
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+class Blocks(Protocol):
+    """Where the decoder blocks come from and where the pruned ones go."""
+
+    def capture(self, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> Activations:
+        """The inputs of block 0, and every block's kwargs, for the calibration windows ``ids``."""
+
+    def load(self, i: int, device: torch.device) -> None:
+        """Put dense block ``i`` on ``device``."""
+
+    def unload(self, i: int) -> None:
+        """Put dense block ``i`` (on the device, unchanged) away again."""
+
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+        """Block ``i`` is pruned to ``pattern`` with ``masks`` (still on the device): keep it wherever the result goes."""
+
+    def release(self, i: int) -> None:
+        """Free the device (and host) memory of stored block ``i``."""
+
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+        """Block ``i`` was pruned by an earlier, interrupted run: keep its saved state dict."""
+
+
+class InPlaceBlocks:
+    """Blocks of a model in memory, pruned in place; each visits the device and goes back home."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        self.model, self.blocks = model, blocks
+        self.home = next(blocks[0].parameters()).device
+
+    def capture(self, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> Activations:
+        return capture_inputs(self.model, self.blocks, ids, batch_size, device, store)
+
+    def load(self, i: int, device: torch.device) -> None:
+        self.blocks[i].to(device)
+
+    def unload(self, i: int) -> None:
+        self.blocks[i].to(self.home)
+
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+        self.blocks[i].to(self.home)
+
+    def release(self, i: int) -> None:
+        pass
+
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+        self.blocks[i].load_state_dict(tensors)
 
 
 def skeleton(path: str | os.PathLike, src: SafetensorsDir, dtype: str = "auto") -> nn.Module:
@@ -87,7 +126,7 @@ class StreamBlocks:
     """Blocks read from ``src`` on demand and written to ``writer`` once pruned (engine ``Blocks``)."""
 
     def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, src: SafetensorsDir,
-                 writer: CheckpointWriter, skip: list[str]) -> None:
+                 writer: CheckpointWriter | None, skip: list[str] | tuple[str, ...]) -> None:
         self.model, self.prefix, self.blocks, self.src, self.writer = model, prefix, blocks, src, writer
         self.skip = skip
         self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
@@ -111,7 +150,7 @@ class StreamBlocks:
         for m in self.outside:
             m._apply(lambda t: t if t.is_meta else t.to(device), recurse=False)
         try:
-            return capture_first_block(self.model, self.blocks[0], ids, batch_size, device, store)
+            return capture_blocks(self.model, self.blocks, ids, batch_size, device, store)
         finally:
             for m in self.outside:
                 m._apply(lambda t: t.to("meta"), recurse=False)
@@ -126,14 +165,14 @@ class StreamBlocks:
     def unload(self, i: int) -> None:
         self.release(i)
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern) -> None:
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
         targets = self._targets(i)
         for k, t in tensors.items():
             name = f"{self.prefix}.{i}.{k}"
-            self.writer.add(name, t, pattern if name in targets else None)
+            self.writer.add(name, t, pattern if name in targets else None, masks.get(name))
 
-    def store(self, i: int, pattern: Pattern) -> None:
-        self.restore(i, self.blocks[i].state_dict(), pattern)
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+        self.restore(i, self.blocks[i].state_dict(), pattern, masks)
 
     def release(self, i: int) -> None:
         self.blocks[i].to("meta")
@@ -143,70 +182,3 @@ class StreamBlocks:
         for name in self.stored:
             if not name.startswith(f"{self.prefix}."):
                 self.writer.add(name, self._read([name], torch.device("cpu"))[name])
-
-
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise LLMPruneError(f"{path}: cannot load the tokenizer: {e}") from e
-
-
-def prune_checkpoint(
-    src_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    config: PruneConfig,
-    tokenizer: Any = None,
-    fmt: str = "compressed",
-    overwrite: bool = False,
-    calib: torch.Tensor | None = None,
-    dtype: str = "auto",
-    quiet: bool = False,
-    run_record: dict[str, Any] | None = None,
-    max_shard_bytes: int = 2**30,
-) -> dict[str, Any]:
-    """Prune the safetensors checkpoint in ``src_dir`` block by block into ``out_dir`` (written atomically).
-
-    ``calib`` (``[n, seqlen]`` token ids) overrides the calibration data named in ``config``; the tokenizer
-    defaults to the one in ``src_dir``. ``run_record`` (e.g. the CLI's command and environment) is saved
-    with the pruning record as ``llmprune_run.json``. Returns the pruning record, as ``prune`` does.
-    Everything that can be checked (shards, shapes, pattern, output folder) is checked before pruning.
-    """
-    from transformers import GenerationConfig
-
-    t0 = time.perf_counter()
-    config.validate()
-    src_path = Path(src_dir).expanduser()
-    src = SafetensorsDir(src_path)
-    model = skeleton(src_path, src, dtype)
-    check_complete(model, src)
-    prefix, blocks = find_blocks(model)
-    check_shapes(blocks, prefix, config)  # refuse impossible patterns before reading any data
-    tokenizer = tokenizer if tokenizer is not None else _tokenizer(src_path)
-    with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:  # refuses an existing out_dir
-        if calib is None:
-            if tokenizer is None:
-                raise LLMPruneError(f"{src_path} has no tokenizer: pass one, or calibration token ids")
-            calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed,
-                                        config.data_dir)
-        t_prepare = time.perf_counter() - t0
-        io = StreamBlocks(model, prefix, blocks, src, writer, config.skip)
-        record, work = run_blocks(prefix, blocks, io, calib, config, model_identity(model, blocks), quiet)
-        t1 = time.perf_counter()
-        io.copy_outside()
-        out_config = copy.deepcopy(model.config)
-        out_config.architectures = [type(model).__name__]
-        targets = {layer["name"] + ".weight" for layer in record["layers"]}
-        ignore = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in targets]
-        generation = GenerationConfig.from_pretrained(src_path) if (src_path / "generation_config.json").is_file() else None
-        record["seconds"]["prepare"] = t_prepare
-        run = json.dumps({**(run_record or {}), "prune": record}, indent=2, default=str)
-        writer.finish(out_config, tokenizer, {"ignore": ignore}, {"llmprune_run.json": run}, generation)
-    if work is not None:
-        work.remove()  # only now: the output is published
-    record["seconds"].update(write=time.perf_counter() - t1, total=time.perf_counter() - t0)
-    return record

@@ -26,18 +26,20 @@ def _loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict[
     return (out.to(torch.float32) - target.to(torch.float32)).square().sum()
 
 
-def tune_block(block: nn.Module, weights: list[nn.Parameter], batches: list[torch.Tensor], targets: list[torch.Tensor],
+def tune_block(block: nn.Module, weights: list[nn.Parameter], masks: list[torch.Tensor], batches: list[torch.Tensor],
+               targets: list[torch.Tensor],
                kwargs_for: Callable[[torch.Tensor], dict[str, Any]], epochs: int, lr: float, device: torch.device,
                run: Callable[..., torch.Tensor]) -> tuple[float, float]:
-    """Adam on the non-zero entries of ``weights`` (Linear weights of ``block``) for ``epochs`` passes over
-    ``batches``, minimising ‖block(x) − target‖². Runs in fp32 whatever the block's dtype; zeros stay zero.
+    """Adam on the entries of ``weights`` (Linear weights of ``block``) that their pruning ``masks`` keep, for
+    ``epochs`` passes over ``batches``, minimising ‖block(x) − target‖². Runs in fp32 whatever the block's
+    dtype; pruned entries stay zero.
 
     Returns the relative error ``Σ‖block(x) − t‖² / Σ‖t‖²`` before and after; a tuning that did not lower
     it is undone, so the calibration fit never gets worse.
     """
     dtypes = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
     block.to(torch.float32)
-    masks = [w != 0 for w in weights]
+    masks = [m.to(w.device) for w, m in zip(weights, masks)]
     saved = [w.detach().clone() for w in weights]
     scale = sum(float(t.to(torch.float32).square().sum()) for t in targets)
 
