@@ -91,9 +91,11 @@ def _own_earlier_output(args: argparse.Namespace, config: PruneConfig) -> bool:
     """``--save DIR`` was written by this very run before it was killed (``--resume`` may replace it)."""
     run = Path(args.save) / "llmprune_run.json"
     try:
-        return config.resume and json.loads(run.read_text()).get("config") == config.to_dict()
+        saved = json.loads(run.read_text()).get("config") or {}
     except (OSError, ValueError):
         return False
+    this = config.to_dict()
+    return config.resume and bool(config.work_dir) and {**saved, "resume": True} == this
 
 
 def _check_outputs(args: argparse.Namespace, config: PruneConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,65 @@ def test_resume_refuses_a_different_run(tmp_path, src, monkeypatch):
         llmprune.prune(model, None, _config(work_dir=work, resume=True), calib=CALIB.flip(0), quiet=True)
     with pytest.raises(LLMPruneError, match="needs --work-dir"):
         _config(resume=True).plan()
+
+
+# Runs the CLI with the evaluation replaced by "announce, then hang", so the test can kill it mid-evaluation.
+KILLED_IN_EVAL = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    import llmprune.api
+
+    def hang(*a, **k):
+        print("EVALUATING", flush=True)
+        time.sleep(600)
+
+    llmprune.api.perplexity = hang
+    from llmprune.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_cli_killed_during_evaluation_loses_nothing(tmp_path, src, text_file, capsys):
+    """The checkpoint is saved before the evaluation and the work dir kept until the very end: a kill during
+    the evaluation, then the same command with --resume, prunes zero blocks again and saves the same bytes."""
+    from llmprune.cli import main
+
+    out, work, report = tmp_path / "out", tmp_path / "work", tmp_path / "run.json"
+    argv = ["--model", str(src), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "16", "--pattern", "2:4",
+            "--batch-size", "4", "--work-dir", str(work), "--save", str(out), "--eval", str(text_file),
+            "--eval-seqlen", "16", "--eval-windows", "2", "--report", str(report), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_EVAL, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line == "EVALUATING\n", f"child did not reach the evaluation: {line!r} {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    shards = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert shards and (work / "state.json").is_file()  # published before the evaluation, work kept
+
+    assert main([*argv, "--resume"]) == 0
+    record = json.loads(report.read_text())
+    assert record["prune"]["resumed_from"] == LAYERS  # zero blocks pruned again
+    assert record["ppl"]["pruned"] and not work.exists()
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == shards  # bit-identical output
+    assert json.loads((out / "llmprune_run.json").read_text())["ppl"] == record["ppl"]
+
+
+def test_cli_evaluation_failure_keeps_the_saved_model(tmp_path, src, text_file, monkeypatch, capsys):
+    from llmprune.cli import main
+
+    def broken(*a, **k):
+        raise LLMPruneError("eval x: perplexity is not finite (the model produces NaN/Inf logits)")
+
+    monkeypatch.setattr("llmprune.api.perplexity", broken)
+    out = tmp_path / "out"
+    argv = ["--model", str(src), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "16", "--pattern", "2:4",
+            "--save", str(out), "--eval", str(text_file), "--eval-seqlen", "16", "--quiet"]
+    assert main(argv) == 2
+    assert "not finite" in capsys.readouterr().err
+    assert "not finite" in json.loads((out / "llmprune_run.json").read_text())["eval_error"]
+    assert llmprune.load(out) is not None
