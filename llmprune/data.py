@@ -56,7 +56,9 @@ def _read_file(path: Path) -> str:
         looks_named = not path.suffix and os.sep not in str(path)
         hint = f"; known datasets: {', '.join(OFFLINE_FILES)}" if looks_named else ""
         raise LLMPruneError(f"no such dataset or text file: {path}{hint}")
-    if path.suffix == ".gz":
+    if path.name.startswith("ptb."):  # the online loader's protocol: stripped sentences joined by single spaces
+        text = " ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    elif path.suffix == ".gz":
         with gzip.open(path, "rt", encoding="utf-8") as f:
             docs = [json.loads(line)["text"] for line in f]
         text = "\n\n".join(docs[:C4_EVAL_DOCS] if "validation" in path.name else docs)

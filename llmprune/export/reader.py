@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,10 @@ from transformers import AutoConfig
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
+from ..shards import read_header
 from . import schema
 from .codecs import check, decode, parts_of, prefix_of
 from .writer import crc32
-
-
-def _header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (already validated by ``safe_open``): names -> byte ranges."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return {k: v for k, v in json.loads(f.read(size)).items() if k != "__metadata__"}
 
 
 class Checkpoint:
@@ -69,7 +62,7 @@ class Checkpoint:
             raise LLMPruneError(f"{missing[0]}: listed in {schema.INDEX_NAME} but missing from shard {file}")
         if extra := sorted(held - listed):
             raise LLMPruneError(f"{extra[0]}: stored in shard {file} but not listed in {schema.INDEX_NAME}")
-        for name, info in _header(path).items():
+        for name, info in read_header(path).items():
             start, end = info["data_offsets"]
             self.stored_bytes[name] = end - start
 

@@ -1,0 +1,153 @@
+"""The README's result tables, generated from benchmarks/results/*.json (never typed by hand).
+
+Each table sits in README.md between ``<!-- table:NAME -->`` and ``<!-- /table -->``. ``python
+benchmarks/tables.py`` rewrites them; ``--check`` exits 1 if any differs from its JSON (a test runs it,
+so a table that disagrees with its JSON fails CI). Published reference numbers, which we did not
+measure, come from ``results/reference.json`` and are labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+COLUMNS = ["50%", "60%", "70%", "2:4", "4:8", "4x4:8"]
+METHODS = ["admm", "sparsegpt", "wanda", "magnitude"]
+FULL = dict(nsamples=128, seqlen=2048, eval_windows="all")
+SHRUNK = dict(nsamples=16, seqlen=512, eval_windows=8)
+
+
+def _load(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _rows(where: dict[str, Any], device: str, variant: str) -> dict[tuple[str, str], dict]:
+    """The newest row per (method, pattern) of one protocol, device kind and variant."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in _load("quality.json")["rows"]:
+        if all(r.get(k) == v for k, v in where.items()) and r["device"].startswith(device) and (
+                r["variant"] == variant or r["method"] == "dense"):
+            out[(r["method"], r["pattern"])] = r
+    return out
+
+
+def _ppl(r: dict | None, bold: bool = False) -> str:
+    if r is None:
+        return "–"
+    cell = f"{r['ppl']['wikitext2']:.2f}"
+    return f"**{cell}**" if bold else cell
+
+
+def _secs(rows: dict, method: str) -> str:
+    cells = [rows.get((method, p)) for p in ("50%", "2:4")]
+    if not any(cells):
+        return "–"
+    mark = " †" if any(c and c.get("note") for c in cells) else ""
+    return " / ".join("–" if c is None else f"{c['prune_seconds']:.1f}" for c in cells) + mark
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def full_grid() -> str:
+    rows = _rows(FULL, "NVIDIA", "default")
+    body = [["dense", *[_ppl(rows.get(("dense", "dense")))] * len(COLUMNS), "–"]]
+    for m in METHODS:
+        label = "**admm** (ours, defaults)" if m == "admm" else f"{m} (ours)"
+        cells = [_ppl(rows.get((m, c)), bold=m == "admm") for c in COLUMNS]
+        secs = _secs(rows, m)
+        body.append([label, *cells, f"**{secs}**" if m == "admm" else secs])
+    for ref in _load("reference.json")["rows"]:
+        cells = [f"{ref['ppl'][c]:.2f}" if c in ref["ppl"] else "–" for c in COLUMNS]
+        label = f"{ref['method']} published code)" if ref["method"].endswith(",") else f"{ref['method']} (published code)"
+        body.append([label, *cells, ref["prune_seconds"]])
+    return _table(["method", *COLUMNS, "prune s (50% / 2:4)"], body)
+
+
+def _options(where: dict[str, Any], device: str, variants: list[tuple[str, str]], columns: list[str],
+             seconds: bool) -> str:
+    body = []
+    for variant, label in variants:
+        rows = _rows(where, device, variant)
+        cells = [_ppl(rows.get(("admm", c))) for c in columns]
+        if variant == "owl":
+            cells = [c if col.endswith("%") else "n/a" for c, col in zip(cells, columns)]
+        body.append([label, *cells, *([_secs(rows, "admm")] if seconds else [])])
+    return _table(["admm with", *columns, *(["prune s (50% / 2:4)"] if seconds else [])], body)
+
+
+def full_options() -> str:
+    return _options(FULL, "NVIDIA", [("default", "defaults"), ("paper", "paper variant (`ADMMConfig.paper()`)"),
+                                     ("owl", "`--allocation owl`"), ("dense-targets", "`--dense-targets`"),
+                                     ("tune1", "`--tune-epochs 1`"), ("tune5", "`--tune-epochs 5`")],
+                    COLUMNS[:4], seconds=True)
+
+
+def shrunk_grid() -> str:
+    rows = _rows(SHRUNK, "x86_64 CPU", "default")
+    body = [["dense", *[_ppl(rows.get(("dense", "dense")))] * len(COLUMNS)]]
+    for m in METHODS:
+        label = "**admm** (ours, defaults)" if m == "admm" else m
+        body.append([label, *[_ppl(rows.get((m, c)), bold=m == "admm") for c in COLUMNS]])
+    return _table(["method", *COLUMNS], body)
+
+
+def shrunk_options() -> str:
+    return _options(SHRUNK, "x86_64 CPU", [("default", "defaults"), ("owl", "`--allocation owl` (λ 0.08, m 5)"),
+                                           ("tune5 lr1e-4 bs2", "`--tune-epochs 5 --tune-lr 1e-4`"),
+                                           ("tune5 lr3e-4 bs2", "`--tune-epochs 5 --tune-lr 3e-4`")],
+                    COLUMNS[:4], seconds=False)
+
+
+def size() -> str:
+    body = []
+    for r in _load("size.json")["rows"]:
+        name = f"{r['sparsity']:.0%} unstructured" if r["pattern"] == "unstructured" else r["pattern"]
+        whole = f"{r['checkpoint_dense_bytes'] / 1e6:.1f} MB → {r['checkpoint_compressed_bytes'] / 1e6:.1f} MB"
+        body.append([name, f"{r['ratio']:.4g}", whole])
+    return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
+
+
+TABLES: dict[str, Callable[[], str]] = {"quality-full": full_grid, "quality-full-options": full_options,
+                                        "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
+                                        "size": size}
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+
+
+def render(readme: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m["name"] not in TABLES:
+            raise SystemExit(f"README names an unknown table {m['name']!r}")
+        return m[1] + TABLES[m["name"]]() + m[4]
+
+    return BLOCK.sub(sub, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ from the JSON")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args(argv)
+    text = args.readme.read_text()
+    new = render(text)
+    missing = set(TABLES) - {m["name"] for m in BLOCK.finditer(text)}
+    if args.check:
+        if new != text or missing:
+            print(f"README tables disagree with benchmarks/results (missing: {sorted(missing)}); "
+                  "run python benchmarks/tables.py", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
