@@ -38,7 +38,14 @@ def test_dry_run_every_stage(tmp_path: Path) -> None:
 
 
 def test_budget_skips_what_does_not_fit(tmp_path: Path) -> None:
-    record = _run(tmp_path, "--dry-run", "--budget", "12", "--only", "kernels,cusparselt_kernels")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["device_run"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--dry-run", "--budget", "12", "--only", "kernels,cusparselt_kernels"]) == 0
+    record = json.loads((tmp_path / "device_run.json").read_text())
     kernels = record["stages"]["kernels"]
     assert kernels["status"] == "skipped" and kernels["why"].endswith("s left of the budget")
     assert record["stages"]["cusparselt_kernels"]["status"] == "skipped"

@@ -176,6 +176,7 @@ KILLED_IN_EVAL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess run of the CLI (~5 s): in CI, not in the quick loop
 def test_cli_killed_during_evaluation_loses_nothing(tmp_path, src, text_file, capsys):
     """The checkpoint is saved before the evaluation and the work dir kept until the very end: a kill during
     the evaluation, then the same command with --resume, prunes zero blocks again and saves the same bytes."""
