@@ -59,6 +59,20 @@ KILLED_RUN = textwrap.dedent("""
 
 
 
+def _kill_when(script: str, argv: list[str], marker: str) -> None:
+    """Run ``script`` in a child and SIGKILL it as soon as it prints ``marker``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line == f"{marker}\n", f"child did not reach the kill point: {line!r} {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def src(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny4")
@@ -81,16 +95,7 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 def test_killed_stream_run_resumes_bit_identical(tmp_path, src, where):
     work, calib = tmp_path / "work", tmp_path / "calib.pt"
     torch.save(CALIB, calib)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(src), str(tmp_path / "out"), str(work), str(calib), where],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line == "READY\n", f"child did not reach the kill point: {line!r} {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_when(KILLED_RUN, [str(src), str(tmp_path / "out"), str(work), str(calib), where], "READY")
     assert not (tmp_path / "out").exists()
     assert (work / "state.json").is_file() and (work / "block-00001.safetensors").is_file()
     if where == "mid":  # stray files of the unfinished commit, which the resumed run must ignore
@@ -186,16 +191,7 @@ def test_cli_killed_during_evaluation_loses_nothing(tmp_path, src, text_file, ca
     argv = ["--model", str(src), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "16", "--pattern", "2:4",
             "--batch-size", "4", "--work-dir", str(work), "--save", str(out), "--eval", str(text_file),
             "--eval-seqlen", "16", "--eval-windows", "2", "--report", str(report), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_EVAL, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line == "EVALUATING\n", f"child did not reach the evaluation: {line!r} {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_when(KILLED_IN_EVAL, argv, "EVALUATING")
     shards = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     assert shards and (work / "state.json").is_file()  # published before the evaluation, work kept
 
