@@ -116,7 +116,16 @@ def size() -> str:
     return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
 
 
-TABLES: dict[str, Callable[[], str]] = {"quality-full": full_grid, "quality-full-options": full_options,
+def demo() -> str:
+    d = _load("demo.json")
+    sec = d["seconds"]
+    wall = f"{int(d['wall_seconds'] // 60)} min {d['wall_seconds'] % 60:.0f} s"
+    phases = ", ".join(f"{k} {sec[k]:.0f} s" for k in ("load", "prune", "save", "eval") if k in sec)
+    return _table(["2:4 ppl (8 windows)", "wall time", "phases", "peak RSS", "machine", "commit"],
+                  [[f"{d['ppl']['wikitext2']:.2f}", wall, phases, f"{d['peak_rss_gb']:.1f} GB", d["machine"], d["commit"]]])
+
+
+TABLES: dict[str, Callable[[], str]] = {"demo": demo, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size}
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)

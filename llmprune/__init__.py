@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .api import PruneResult, evaluate, prune, prune_checkpoint  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
+from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from .models import load_model  # noqa: E402
 
 
@@ -15,4 +16,4 @@ def load(path: str, **kwargs):  # noqa: ANN201
     return _load(path, **kwargs)
 
 
-__all__ = ["PruneConfig", "PruneResult", "LLMPruneError", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "PruneConfig", "PruneResult", "LLMPruneError", "finetune", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]

@@ -91,9 +91,10 @@ def prune(model: nn.Module, tokenizer: Any, config: PruneConfig, calib: torch.Te
     calibration data named in ``config``; ``plan`` is ``config.plan()`` when the caller already made it."""
     plan = plan or config.plan()
     prefix, blocks = find_blocks(model)
-    check_shapes(blocks, prefix, plan)  # refuse impossible patterns before reading any data
+    n_targets = check_shapes(blocks, prefix, plan)  # refuse impossible patterns before reading any data
     calib = _calibration(config, tokenizer, calib, "the model")
-    out = run_blocks(prefix, blocks, InPlaceBlocks(model, blocks), calib, plan, model_identity(model, blocks), quiet)
+    out = run_blocks(prefix, blocks, InPlaceBlocks(model, blocks), calib, plan, model_identity(model, blocks), quiet,
+                     n_targets)
     return PruneResult(out.record, out.patterns, out.masks, model, tokenizer, None, out.work)
 
 
@@ -131,13 +132,13 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, con
     model = skeleton(src_path, src, dtype)
     check_complete(model, src)
     prefix, blocks = find_blocks(model)
-    check_shapes(blocks, prefix, plan)
+    n_targets = check_shapes(blocks, prefix, plan)
     tokenizer = tokenizer if tokenizer is not None else _tokenizer(src_path)
     with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:  # refuses an existing out_dir
         calib = _calibration(config, tokenizer, calib, str(src_path))
         t_prepare = time.perf_counter() - t0
         io = StreamBlocks(model, prefix, blocks, src, writer, plan.skip)
-        out = run_blocks(prefix, blocks, io, calib, plan, model_identity(model, blocks), quiet)
+        out = run_blocks(prefix, blocks, io, calib, plan, model_identity(model, blocks), quiet, n_targets)
         t1 = time.perf_counter()
         io.copy_outside()
         generation = GenerationConfig.from_pretrained(src_path) if (src_path / "generation_config.json").is_file() else None

@@ -7,8 +7,10 @@ the API and the help text cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -26,9 +28,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_dataclass_args(group: argparse._ArgumentGroup, cls: type, prefix: str = "", suppress: bool = False) -> None:
+# fine-tuning after pruning takes these from the prune command's own flags
+SHARED_WITH_PRUNE = ("device", "data_dir", "seed", "work_dir", "resume")
+
+
+def _add_dataclass_args(group: argparse._ArgumentGroup, cls: type, prefix: str = "", suppress: bool = False,
+                        skip: tuple[str, ...] = ()) -> None:
     for f in fields(cls):
-        if f.name == "method_options":
+        if f.name == "method_options" or f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f"{prefix}{f.name}"}
@@ -72,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
     for name, method in METHODS.items():
         _add_dataclass_args(p.add_argument_group(f"{name} options"), method.config_cls, prefix=f"{name}_", suppress=True)
+    from .finetune.config import FinetuneConfig
+
+    _add_dataclass_args(p.add_argument_group("fine-tuning straight after pruning (--finetune-tokens N turns it on; "
+                                             "the pruner's masks are kept)"), FinetuneConfig, prefix="finetune_",
+                        suppress=True, skip=SHARED_WITH_PRUNE)
     return p
 
 
@@ -85,6 +97,24 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         if name == cfg.method:
             cfg.method_options = given
     return cfg
+
+
+def finetune_config_from_args(args: argparse.Namespace, config: PruneConfig) -> Any:
+    """The ``--finetune-*`` flags as a FinetuneConfig, or None without ``--finetune-tokens``."""
+    from .finetune.config import FinetuneConfig
+
+    given = {f.name: getattr(args, f"finetune_{f.name}") for f in fields(FinetuneConfig)
+             if f.name not in SHARED_WITH_PRUNE and getattr(args, f"finetune_{f.name}") is not None}
+    if "tokens" not in given:
+        if given:
+            raise LLMPruneError(f"{_flag('finetune_' + next(iter(given)))} needs --finetune-tokens N")
+        return None
+    given.setdefault("train", config.calib)  # the calibration text, never the evaluation text
+    work = str(Path(config.work_dir) / "finetune") if config.work_dir else None
+    ft = FinetuneConfig(**given, device=config.device, data_dir=config.data_dir, seed=config.seed, work_dir=work,
+                        resume=config.resume)
+    ft.check()
+    return ft
 
 
 def _own_earlier_output(args: argparse.Namespace, config: PruneConfig) -> bool:
@@ -118,9 +148,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     config = config_from_args(args)
     plan = config.plan()  # the one validation of the settings
+    ft = finetune_config_from_args(args, config)
     _check_outputs(args, config)
     if config.stream:
         _check_streamed(args)
+        if ft is not None:
+            raise LLMPruneError("--finetune-tokens needs the model in memory, not --stream")
     source = args.model or default_model()
     record: dict[str, Any] = {"command": ["python", "-m", "llmprune", *argv], "model": source, "env": environment(),
                               "config": config.to_dict(), "seconds": {}, "ppl": {}}
@@ -149,11 +182,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                    batch_size=args.eval_batch_size, quiet=args.quiet)
     if args.eval and args.eval_dense:
         record["ppl"]["dense"] = timed("eval_dense", evaluate, model, tokenizer, args.eval, **eval_kw)
+    teacher = copy.deepcopy(model) if ft is not None and ft.needs_teacher else None  # the dense weights
     result = timed("prune", prune, model, tokenizer, config, quiet=args.quiet, plan=plan)
     record["prune"] = result.record
+    output = result
+    if ft is not None:
+        from .finetune import finetune
+
+        output = timed("finetune", finetune, model, tokenizer, ft, result.patterns, result.masks, teacher,
+                       quiet=args.quiet)
+        record["finetune"] = output.record
+        del teacher
     if args.save:
-        timed("save", result.save, args.save, args.format, overwrite=True, keep_work_dir=True,
-              extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})
+        timed("save", output.save, args.save, args.format, overwrite=True,
+              extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)},
+              **({"keep_work_dir": True} if output is result else {}))
     if args.eval:
         try:
             record["ppl"]["pruned"] = timed("eval", evaluate, model, tokenizer, args.eval, **eval_kw)
@@ -163,6 +206,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             raise
     publish()
     result.finish()
+    if ft is not None and ft.work_dir:
+        shutil.rmtree(ft.work_dir, ignore_errors=True)
     return record
 
 
@@ -183,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             from .export import inspect_main
 
             return inspect_main(argv[1:])
+        if argv[:1] == ["finetune"]:
+            from .finetune.cli import main as finetune_main
+            from .finetune.cli import summary
+
+            print(summary(finetune_main(argv[1:])), flush=True)
+            return 0
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")

@@ -112,9 +112,11 @@ def calibration_windows(
     return windows
 
 
-def eval_windows(tokenizer: Any, name: str, seqlen: int, max_windows: int | None = None, data_dir: str | None = None) -> torch.Tensor:
-    """Non-overlapping ``[n, seqlen]`` windows over the whole test text, tail dropped (standard protocol)."""
-    ids = tokenize(tokenizer, load_text(name, "eval", data_dir))
+def eval_windows(tokenizer: Any, name: str, seqlen: int, max_windows: int | None = None, data_dir: str | None = None,
+                 split: str = "eval") -> torch.Tensor:
+    """Non-overlapping ``[n, seqlen]`` windows over the whole text of ``split`` (the test text for ``eval``,
+    the training text for ``calib``), tail dropped (the standard protocol)."""
+    ids = tokenize(tokenizer, load_text(name, split, data_dir))
     bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
     span = seqlen - len(bos)
     n = len(ids) // span

@@ -67,15 +67,49 @@ class Pattern:
                 f"{name}: shape {out_f}x{in_f} is not divisible by the {self.r}x{self.c} tiles of pattern {self}"
             )
 
+    def group_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int]:
+        """``[rows of groups, groups per row, group size]`` of an ``[out, in]`` weight: the comparison groups
+        (a row or the whole layer for unstructured, M weights for N:M, an R x C tile for RxC:K)."""
+        out_f, in_f = int(shape[0]), int(shape[1])
+        if self.kind == "nm":
+            return out_f, in_f // self.m, self.m
+        if self.kind == "tile":
+            return out_f // self.r, in_f // self.c, self.r * self.c
+        return (out_f, 1, in_f) if self.granularity == "row" else (1, 1, out_f * in_f)
+
+    def keep_per_group(self, shape: tuple[int, ...] | torch.Size, sparsity: float | None = None) -> int:
+        """How many weights each group keeps (``sparsity`` overrides an unstructured pattern's own)."""
+        if self.kind == "nm":
+            return self.n
+        if self.kind == "tile":
+            return self.k
+        size = self.group_shape(shape)[2]
+        return size - count(self.sparsity if sparsity is None else sparsity, size)
+
+    def groups(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``[out, in]`` as ``[rows of groups, groups per row, group size]`` (a copy for tiles, else a view)."""
+        shape = self.group_shape(t.shape)
+        if self.kind != "tile":
+            return t.reshape(shape)
+        (out_f, in_f), r, c = t.shape, self.r, self.c
+        return t.reshape(out_f // r, r, in_f // c, c).permute(0, 2, 1, 3).reshape(shape)
+
+    def ungroup(self, g: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`groups`."""
+        if self.kind != "tile":
+            return g.reshape(tuple(shape))
+        r, c = self.r, self.c
+        return g.reshape(shape[0] // r, shape[1] // c, r, c).permute(0, 2, 1, 3).reshape(tuple(shape))
+
     def project(self, scores: torch.Tensor, sparsity: float | None = None) -> torch.Tensor:
         """Boolean mask keeping the highest ``scores`` under this pattern.
 
         ``sparsity`` below the pattern's own gives the relaxed mask used while ramping (see module doc).
         """
         target = self.sparsity if sparsity is None else sparsity
-        if self.kind == "unstructured":
-            return _topk_mask(scores, target, per_row=self.granularity == "row")
-        mask = self._structured_mask(scores)
+        if not self.structured:
+            return self._top(scores, self.keep_per_group(scores.shape, target))
+        mask = self._top(scores, self.keep_per_group(scores.shape))
         if target >= self.sparsity - 1e-9:
             return mask
         # Relaxation: keep the structured mask, then add the best of the rest up to 1 - target density.
@@ -88,45 +122,18 @@ class Pattern:
             mask = mask.view_as(scores)
         return mask
 
-    def _structured_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        out_f, in_f = scores.shape
-        if self.kind == "nm":
-            groups = scores.reshape(out_f, in_f // self.m, self.m)
-            keep = torch.topk(groups, self.n, dim=-1, sorted=False).indices
-            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-            return mask.reshape(out_f, in_f)
-        r, c = self.r, self.c
-        tiles = scores.reshape(out_f // r, r, in_f // c, c).permute(0, 2, 1, 3).reshape(out_f // r, in_f // c, r * c)
-        keep = torch.topk(tiles, self.k, dim=-1, sorted=False).indices
-        mask = torch.zeros_like(tiles, dtype=torch.bool).scatter_(-1, keep, True)
-        return mask.reshape(out_f // r, in_f // c, r, c).permute(0, 2, 1, 3).reshape(out_f, in_f)
+    def _top(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The ``keep`` highest scores of every group."""
+        groups = self.groups(scores)
+        if keep == groups.shape[-1]:
+            return torch.ones_like(scores, dtype=torch.bool)
+        idx = torch.topk(groups, keep, dim=-1, sorted=False).indices
+        return self.ungroup(torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True), scores.shape)
 
     def violations(self, weight: torch.Tensor) -> int:
         """Number of groups (rows, N:M groups or tiles) holding more non-zeros than the pattern allows."""
         nz = weight != 0
-        out_f, in_f = nz.shape
-        if self.kind == "nm":
-            return int((nz.reshape(out_f, in_f // self.m, self.m).sum(-1) > self.n).sum())
-        if self.kind == "tile":
-            per_tile = nz.reshape(out_f // self.r, self.r, in_f // self.c, self.c).sum(dim=(1, 3))
-            return int((per_tile > self.k).sum())
-        if self.granularity == "row":
-            return int((nz.sum(1) > in_f - count(self.sparsity, in_f)).sum())
-        return int(nz.sum() > nz.numel() - count(self.sparsity, nz.numel()))
-
-
-def _topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
-    if per_row:
-        keep = scores.shape[1] - count(sparsity, scores.shape[1])
-        if keep == scores.shape[1]:
-            return torch.ones_like(scores, dtype=torch.bool)
-        idx = torch.topk(scores, keep, dim=1, sorted=False).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
-    keep = scores.numel() - count(sparsity, scores.numel())
-    if keep == scores.numel():
-        return torch.ones_like(scores, dtype=torch.bool)
-    idx = torch.topk(scores.flatten(), keep, sorted=False).indices
-    return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, idx, True).view_as(scores)
+        return int((self.groups(nz).sum(-1) > self.keep_per_group(nz.shape)).sum())
 
 
 def parse_pattern(spec: str, sparsity: float | None = None, granularity: str = "row") -> Pattern:

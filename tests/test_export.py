@@ -376,3 +376,30 @@ def test_inspect_reports_every_layer(saved: dict[str, Path], capsys: pytest.Capt
     assert "total: 14 pruned layers (0 failed)" in table
     assert inspect_main([str(saved["dense"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "dense"
+
+
+@pytest.mark.parametrize("fmt", ["compressed"])
+def test_saved_positions_are_the_pruners_mask_not_the_zeros(tmp_path: Path, fmt: str) -> None:
+    """A weight the pruner kept but which is exactly 0 stays a kept position: saved, read back and packed."""
+    import llmprune
+    from llmprune import PruneConfig
+    from llmprune.kernels import layout_for, pack
+
+    from .conftest import tiny_model
+
+    model = tiny_model()
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = llmprune.prune(model, None, PruneConfig(method="wanda", pattern="2:4", batch_size=4), calib=calib, quiet=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    mask = result.masks[name].unpack()
+    lin = model.get_submodule(name.removesuffix(".weight"))
+    keep = mask.nonzero()[0]
+    with torch.no_grad():
+        lin.weight[keep[0], keep[1]] = 0.0  # kept, yet zero
+    assert (mask.sum() == mask.numel() // 2) and bool(mask[keep[0], keep[1]])
+    out = result.save(tmp_path / "ckpt", fmt)
+    ckpt = llmprune.export.Checkpoint(out)
+    assert torch.equal(ckpt.mask(name), mask)  # from the stored bitmask, not from weight != 0
+    assert not torch.equal(ckpt.weight(name) != 0, mask)
+    packed = pack(ckpt.weight(name), layout_for("2:4"), ckpt.mask(name))
+    assert torch.equal(llmprune.kernels.unpack(packed), ckpt.weight(name))

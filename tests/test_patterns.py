@@ -151,3 +151,16 @@ def test_parse_pattern_accepts_and_implies_sparsity() -> None:
 def test_check_shape_refuses_untileable(spec: str, shape: tuple[int, int]) -> None:
     with pytest.raises(LLMPruneError):
         parse_pattern(spec).check_shape(shape)
+
+
+@pytest.mark.parametrize("spec,sparsity,granularity", [("unstructured", 0.6, "row"), ("unstructured", 0.6, "layer"),
+                                                       ("2:4", None, "row"), ("4x4:8", None, "row")])
+def test_pattern_owns_its_geometry(spec, sparsity, granularity):
+    """groups/ungroup round-trip, every group keeps keep_per_group, and project obeys both."""
+    p = parse_pattern(spec, sparsity, granularity)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    groups = p.groups(w)
+    assert groups.shape == p.group_shape(w.shape) and torch.equal(p.ungroup(groups, w.shape), w)
+    mask = p.project(w.abs())
+    assert (p.groups(mask).sum(-1) == p.keep_per_group(w.shape)).all()
+    assert p.violations(w * mask) == 0 and p.violations(w) > 0

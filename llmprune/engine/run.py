@@ -83,11 +83,12 @@ def _weight_shapes(blocks: nn.ModuleList, prefix: str, i: int, skip: tuple[str, 
 
 
 def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tensor, plan: Plan,
-               model_id: dict[str, Any], quiet: bool = False) -> EngineResult:
-    """Prune every block through ``io`` as ``plan`` says."""
+               model_id: dict[str, Any], quiet: bool = False, n_targets: int | None = None) -> EngineResult:
+    """Prune every block through ``io`` as ``plan`` says (``n_targets``: what :func:`check_shapes` returned,
+    when the caller already checked)."""
     run = plan.run
     device, store = run.device, torch.device("cpu") if run.offload_activations else run.device
-    n_targets = check_shapes(blocks, prefix, plan)
+    n_targets = check_shapes(blocks, prefix, plan) if n_targets is None else n_targets
     work = WorkDir(run.work_dir, fingerprint(plan, model_id, calib)) if run.work_dir else None
     saved = work.start(run.resume) if work is not None else None
     torch.manual_seed(plan.seed)

@@ -88,28 +88,6 @@ class PackedMask(NamedTuple):
         return unpack_bits(self.bits, self.shape, verify=False)
 
 
-def _group_shape(shape: tuple[int, int], pattern: Pattern) -> tuple[int, int, int]:
-    """``[rows of groups, groups per row, group size]`` of a structured pattern on an ``[out, in]`` weight."""
-    if pattern.kind == "nm":
-        return shape[0], shape[1] // pattern.m, pattern.m
-    return shape[0] // pattern.r, shape[1] // pattern.c, pattern.r * pattern.c
-
-
-def _groups(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """``weight`` as ``[rows of groups, groups per row, group size]`` (a view for N:M, a copy for tiles)."""
-    if pattern.kind == "nm":
-        return weight.reshape(_group_shape(weight.shape, pattern))
-    (out_f, in_f), r, c = weight.shape, pattern.r, pattern.c
-    return weight.reshape(out_f // r, r, in_f // c, c).permute(0, 2, 1, 3).reshape(_group_shape(weight.shape, pattern))
-
-
-def _ungroup(groups: torch.Tensor, pattern: Pattern, shape: tuple[int, int]) -> torch.Tensor:
-    if pattern.kind == "nm":
-        return groups.reshape(shape)
-    r, c = pattern.r, pattern.c
-    return groups.reshape(shape[0] // r, shape[1] // c, r, c).permute(0, 2, 1, 3).reshape(shape)
-
-
 def check(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
     """Refuse a pruned weight that is not a 2-D float tensor obeying ``pattern`` (error names it)."""
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -137,7 +115,7 @@ def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor
         if bad := pattern.violations(mask):
             raise LLMPruneError(f"{name}: the mask breaks pattern {pattern} in {bad} group(s)")
     shape = torch.tensor(weight.shape, dtype=torch.int64)
-    if pattern.kind == "unstructured":
+    if not pattern.structured:
         keep = weight != 0 if mask is None else mask
         counts = keep.sum(1)
         return {
@@ -146,12 +124,12 @@ def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor
             "shape": shape,
             "row_offsets": counts.cumsum(0) - counts,
         }
-    groups = _groups(weight, pattern)
-    size, n = groups.shape[-1], (pattern.n if pattern.kind == "nm" else pattern.k)
+    groups = pattern.groups(weight)
+    size, n = groups.shape[-1], pattern.keep_per_group(weight.shape)
     # Exactly n slots per group: the kept (or non-zero) positions first, then the earliest others (unique
     # keys, so deterministic).
     position = torch.arange(size - 1, -1, -1, dtype=torch.int32, device=weight.device)
-    kept = groups != 0 if mask is None else _groups(mask, pattern)
+    kept = groups != 0 if mask is None else pattern.groups(mask)
     key = kept.to(torch.int32) * size + position
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, key.topk(n, dim=-1).indices, True)
     values = groups[keep].reshape(groups.shape[0], -1)
@@ -164,24 +142,48 @@ def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor
     }
 
 
+def _shape(parts: dict[str, torch.Tensor], pattern: Pattern, name: str) -> tuple[int, int]:
+    missing = [s for s in parts_of(pattern) if s not in parts]
+    if missing:
+        raise LLMPruneError(f"{name}: missing stored part(s) {', '.join(missing)} for layout {layout_of(pattern)}")
+    shape_t = parts["shape"]
+    if shape_t.dtype != torch.int64 or shape_t.numel() != 2 or bool((shape_t < 0).any()):
+        raise LLMPruneError(f"{name}: bad stored shape tensor {shape_t.dtype} {tuple(shape_t.shape)}")
+    shape = (int(shape_t.flatten()[0]), int(shape_t.flatten()[1]))
+    pattern.check_shape(shape, name)
+    return shape
+
+
+def _keep(parts: dict[str, torch.Tensor], pattern: Pattern, shape: tuple[int, int], name: str, verify: bool) -> torch.Tensor:
+    """The stored positions, ``[out, in]`` for unstructured layouts, grouped for structured ones."""
+    if not pattern.structured:
+        return unpack_bits(parts["bitmask"], shape, name, verify)
+    rows, per_row, size = pattern.group_shape(shape)
+    keep = unpack_bits(parts["bitmask"], (rows, per_row * size), name, verify).reshape(rows, per_row, size)
+    if verify and not bool((keep.sum(-1) == pattern.keep_per_group(shape)).all()):
+        raise LLMPruneError(f"{name}: bitmask does not mark exactly {pattern.keep_per_group(shape)} positions per "
+                            f"group of pattern {pattern}")
+    return keep
+
+
+def mask_of(parts: dict[str, torch.Tensor], pattern: Pattern, name: str) -> torch.Tensor:
+    """The pruner's mask (bool ``[out, in]``) stored with a compressed weight."""
+    shape = _shape(parts, pattern, name)
+    keep = _keep(parts, pattern, shape, name, verify=True)
+    return pattern.ungroup(keep, shape) if pattern.structured else keep
+
+
 def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: bool = True) -> torch.Tensor:
     """Rebuild the dense weight from its parts, refusing anything inconsistent.
 
     ``verify=False`` skips the data-dependent checks (bitmask counts, offsets, the pattern itself), which
     cost a device sync: for parts already verified once, e.g. in :class:`CompressedLinear`'s forward.
     """
-    missing = [s for s in parts_of(pattern) if s not in parts]
-    if missing:
-        raise LLMPruneError(f"{name}: missing stored part(s) {', '.join(missing)} for layout {layout_of(pattern)}")
-    shape_t, values = parts["shape"], parts["compressed"]
-    if shape_t.dtype != torch.int64 or shape_t.numel() != 2 or bool((shape_t < 0).any()):
-        raise LLMPruneError(f"{name}: bad stored shape tensor {shape_t.dtype} {tuple(shape_t.shape)}")
-    shape = (int(shape_t.flatten()[0]), int(shape_t.flatten()[1]))
+    shape, values = _shape(parts, pattern, name), parts["compressed"]
     if not values.is_floating_point():
         raise LLMPruneError(f"{name}: stored values have non-float dtype {values.dtype}")
-    pattern.check_shape(shape, name)
-    if pattern.kind == "unstructured":
-        keep = unpack_bits(parts["bitmask"], shape, name, verify)
+    keep = _keep(parts, pattern, shape, name, verify)
+    if not pattern.structured:
         if verify:
             counts = keep.sum(1)
             if values.dim() != 1 or values.numel() != int(counts.sum()):
@@ -193,18 +195,14 @@ def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: 
         dense = values.new_zeros(shape)
         dense[keep] = values
     else:
-        n = pattern.n if pattern.kind == "nm" else pattern.k
-        rows, per_row, size = _group_shape(shape, pattern)
-        keep = unpack_bits(parts["bitmask"], (rows, per_row * size), name, verify).reshape(rows, per_row, size)
-        if verify and not bool((keep.sum(-1) == n).all()):
-            raise LLMPruneError(f"{name}: bitmask does not mark exactly {n} positions per group of "
-                                f"pattern {pattern}")
+        rows, per_row, size = pattern.group_shape(shape)
+        n = pattern.keep_per_group(shape)
         if tuple(values.shape) != (rows, per_row * n):
             raise LLMPruneError(f"{name}: stored values have shape {tuple(values.shape)}, "
                                 f"expected {(rows, per_row * n)}")
         groups = values.new_zeros(rows, per_row, size)
         groups[keep] = values.flatten()
-        dense = _ungroup(groups, pattern, shape)
+        dense = pattern.ungroup(groups, shape)
     # Exact group counts already bound structured layouts, but an unstructured bitmask can hold more positions
     # than the sparsity allows: counting the decoded non-zeros checks every kind the same way.
     if verify and (bad := pattern.violations(dense)):

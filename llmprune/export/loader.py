@@ -31,8 +31,9 @@ class CompressedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, pattern: Pattern, name: str = "weight") -> CompressedLinear:
-        return cls(encode(linear.weight.detach(), pattern, name), pattern,
+    def from_linear(cls, linear: nn.Linear, pattern: Pattern, name: str = "weight",
+                    mask: torch.Tensor | None = None) -> CompressedLinear:
+        return cls(encode(linear.weight.detach(), pattern, name, mask), pattern,
                    None if linear.bias is None else linear.bias.detach(), name)
 
     def decompress(self) -> torch.Tensor:
@@ -111,10 +112,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         linear = model.get_submodule(module_name) if name.endswith(".weight") else None
         if not isinstance(linear, nn.Linear) or not (compressed_modules or kernels):
             continue
+        mask = ckpt.mask(name)  # the pruner's own positions, never guessed from zeros
         if kernels:
             swapped = sparse_linear.from_weight(linear.weight.detach().to(device), pattern,
-                                                None if linear.bias is None else linear.bias.detach().to(device))
+                                                None if linear.bias is None else linear.bias.detach().to(device),
+                                                mask=mask.to(device))
         else:
-            swapped = CompressedLinear.from_linear(linear, pattern, name)
+            swapped = CompressedLinear.from_linear(linear, pattern, name, mask)
         model.set_submodule(module_name, swapped)
     return model.to(device).eval()

@@ -16,7 +16,7 @@ from ..errors import LLMPruneError
 from ..patterns import Pattern
 from ..shards import read_header
 from . import schema
-from .codecs import check, decode, parts_of, prefix_of
+from .codecs import check, decode, mask_of, parts_of, prefix_of
 from .writer import crc32
 
 
@@ -115,6 +115,14 @@ class Checkpoint:
         weight = self.tensor(name)
         check(weight, pattern, name)
         return weight
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The pruner's mask of pruned weight ``name``, as stored by the compressed format; the dense format
+        stores no mask, so there it is read off the non-zeros."""
+        pattern = self.targets[name]
+        if self.fmt == "compressed":
+            return mask_of(self.parts(name), pattern, name)
+        return self.weight(name) != 0
 
     def stored_size(self, name: str) -> int:
         """Bytes on disk of parameter ``name`` (all its parts, headers excluded)."""

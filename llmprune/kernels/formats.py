@@ -126,18 +126,26 @@ def _untile(tiles: torch.Tensor, lay: Layout) -> torch.Tensor:
     return tiles.reshape(tr, tc, lay.r, lay.c).transpose(1, 2).reshape(tr * lay.r, tc * lay.c)
 
 
-def pack(weight: torch.Tensor, lay: Layout) -> PackedWeight:
-    """Pack a pruned ``[N, K]`` weight; raises ``ValueError`` if a tile holds more than ``kv`` non-zeros."""
+def pack(weight: torch.Tensor, lay: Layout, mask: torch.Tensor | None = None) -> PackedWeight:
+    """Pack a pruned ``[N, K]`` weight; raises ``ValueError`` if a tile holds more than ``kv`` non-zeros.
+
+    ``mask``: the positions the pruner kept (bool ``[N, K]``, covering every non-zero); without it they
+    are read off the non-zeros.
+    """
     n, k = weight.shape
     if n % lay.r or k % lay.c:
         raise ValueError(f"weight {n}x{k} is not divisible into {lay.r}x{lay.c} tiles")
     kp = lay.padded_k(k)
     tiles = _tiles(torch.nn.functional.pad(weight, (0, kp - k)), lay)
     nz = tiles != 0
+    if mask is not None:
+        if mask.shape != weight.shape or bool((weight != 0)[~mask].any()):
+            raise ValueError("mask does not fit the weight or leaves a non-zero outside it")
+        nz = _tiles(torch.nn.functional.pad(mask, (0, kp - k)), lay)
     if bool((nz.sum(-1) > lay.kv).any()):
         raise ValueError(f"weight has {lay.r}x{lay.c} tiles with more than {lay.kv} non-zeros: not pruned to the pattern")
-    # Kept positions: the non-zeros, then the lowest zero positions up to kv; ascending, so values
-    # are stored in bit order and every code has exactly kv entries.
+    # Kept positions: the kept (non-zero) ones, then the lowest other positions up to kv; ascending, so
+    # values are stored in bit order and every code has exactly kv entries.
     pos = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[..., : lay.kv].sort(-1).values
     values = tiles.gather(-1, pos).flatten(1).contiguous()
     if lay.fmt == "2:4":

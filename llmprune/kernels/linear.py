@@ -60,10 +60,12 @@ class SparseLinear(nn.Module):
         bias: torch.Tensor | None = None,
         table: DispatchTable | None = None,
         use_cusparselt: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> SparseLinear:
-        """Pack a dense weight already pruned to ``pattern`` (a ``Pattern`` or a string like ``"2:4"``)."""
+        """Pack a dense weight already pruned to ``pattern`` (a ``Pattern`` or a string like ``"2:4"``), at the
+        positions of the pruner's ``mask`` when given."""
         weight = weight.detach()
-        packed = pack(weight, layout_for(pattern))
+        packed = pack(weight, layout_for(pattern), mask)
         bias = None if bias is None else bias.detach().clone()
         module = cls(packed.layout, packed.values, packed.meta, packed.shape, bias, table, use_cusparselt)
         if weight.is_cuda and module._wants_cusparselt(weight.dtype):

@@ -1,7 +1,8 @@
 """Pruning methods, one folder each; ``METHODS`` is the registry the engine and CLI read."""
 
 from .admm import ADMMConfig, admm_prune
-from .base import STATISTICS, LayerStats, Method, PruneResult, dense_target, paired_error, reconstruction_error
+from .base import STATISTICS, LayerStats, Method, PruneResult
+from .objectives import dense_target, paired_error, reconstruction_error
 from .magnitude import MagnitudeConfig, magnitude_prune
 from .sparsegpt import SparseGPTConfig, sparsegpt_prune
 from .wanda import WandaConfig, wanda_prune

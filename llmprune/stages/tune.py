@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..finetune.sparsity import mask_grads
+
 
 def _fp32(v: Any) -> Any:
     return v.to(torch.float32) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -61,8 +63,7 @@ def tune_block(block: nn.Module, weights: list[nn.Parameter], masks: list[torch.
                 for x, t in zip(batches, targets):
                     opt.zero_grad(set_to_none=False)
                     (_loss(block, x.to(device), t.to(device), kwargs_for(x), run) / scale).backward()
-                    for w, m in zip(weights, masks):
-                        w.grad.mul_(m)  # Adam moments of pruned entries stay zero, so they never move
+                    mask_grads(weights, masks)  # Adam moments of pruned entries stay zero, so they never move
                     opt.step()
     finally:
         for w in weights:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern
-from ..base import LayerStats, PruneResult, damped, spd_inverse
+from ..base import LayerStats, PruneResult
+from ..linalg import damped, spd_inverse
 from .cg import masked_cg
 from .config import ADMMConfig
 

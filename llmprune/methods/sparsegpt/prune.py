@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern, count
-from ..base import LayerStats, PruneResult, damped, spd_inverse
+from ..base import LayerStats, PruneResult
+from ..linalg import damped, spd_inverse
 from .config import SparseGPTConfig
 
 
