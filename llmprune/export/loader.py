@@ -11,6 +11,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from ..errors import LLMPruneError
+from ..models import DTYPES
 from ..patterns import Pattern
 from .codecs import decode, encode, parts_of
 from .reader import Checkpoint
@@ -50,10 +51,10 @@ class CompressedLinear(nn.Module):
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise LLMPruneError(f"unknown floating dtype {dtype!r}")
-    return resolved
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise LLMPruneError(f"unknown floating dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _sparse_linear(device: torch.device) -> type:
