@@ -32,7 +32,7 @@ from llmprune.report import environment, markdown_table, write_json_atomic  # no
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune.json"
 PATTERNS = {"2:4": ("2:4", None), "4x4:8": ("4x4:8", None), "50%": ("unstructured", 0.5)}
 LOSSES = {"ce": dict(ce=1.0), "ce+kd": dict(ce=1.0, kd=1.0), "ce+squarehead": dict(ce=1.0, squarehead=1.0)}
-KEY = ("row", "tokens", "seqlen", "batch_size", "lr", "nsamples", "calib_seqlen", "eval_windows", "device", "commit")
+KEY = ("row", "method", "tokens", "seqlen", "batch_size", "lr", "nsamples", "calib_seqlen", "eval_windows", "device", "commit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--method", default="admm", help="the one-shot pruner the rows start from")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.exists() else []
-    base = dict(tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr, nsamples=args.nsamples,
+    base = dict(method=args.method, tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr, nsamples=args.nsamples,
                 calib_seqlen=args.calib_seqlen, eval_windows=args.eval_windows, device=env["machine"],
                 commit=env["commit"])
     dense, tokenizer = load_model(default_model())
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if label not in one_shot:
                 pruned = copy.deepcopy(dense)
                 pattern, sparsity = PATTERNS[label]
-                result = prune(pruned, tokenizer, PruneConfig(pattern=pattern, sparsity=sparsity, device=args.device),
-                               calib=calib, quiet=True)
+                result = prune(pruned, tokenizer, PruneConfig(method=args.method, pattern=pattern, sparsity=sparsity,
+                                                              device=args.device), calib=calib, quiet=True)
                 one_shot[label] = (pruned, result.patterns, result.masks, evaluate(pruned, tokenizer, **eval_kw))
             pruned, patterns, masks, before = one_shot[label]
             model = copy.deepcopy(pruned)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         tuned = finetune(model, tokenizer, cfg, patterns, masks, teacher)
         seconds = time.perf_counter() - t1
         after = evaluate(model, tokenizer, **eval_kw)
-        row = dict(want, mode=mode, loss=loss, ppl_before=before["wikitext2"], ppl_after=after["wikitext2"],
+        row = dict(want, finetune_mode=mode, loss=loss, ppl_before=before["wikitext2"], ppl_after=after["wikitext2"],
                    change=after["wikitext2"] / before["wikitext2"] - 1, finetune_seconds=round(seconds, 1),
                    row_seconds=round(time.perf_counter() - t0, 1), trained_tokens=tuned.record["tokens"],
                    val=tuned.record["val"], peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),

@@ -128,14 +128,15 @@ def demo() -> str:
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size}
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+# a block's body never spans another block's start, so an empty body cannot swallow the text after it
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>(?:(?!<!-- table:).)*?)(<!-- /table -->)", re.S)
 
 
 def render(readme: str) -> str:
     def sub(m: re.Match) -> str:
         if m["name"] not in TABLES:
             raise SystemExit(f"README names an unknown table {m['name']!r}")
-        return m[1] + TABLES[m["name"]]() + m[4]
+        return m[1] + TABLES[m["name"]]() + "\n" + m[4]
 
     return BLOCK.sub(sub, readme)
 
