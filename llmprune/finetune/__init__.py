@@ -82,10 +82,8 @@ def finetune(model: nn.Module, tokenizer: Any, config: FinetuneConfig, patterns:
         work.mkdir(parents=True, exist_ok=True)
     home = next(model.parameters()).device
     model.to(device)
-    if teacher is not None:
+    if teacher is not None:  # run under no_grad; its parameters are left as they are
         teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     try:
         record, final = run_training(model, windows, config, patterns, _unpacked(masks), teacher, device, work, quiet)
     finally:

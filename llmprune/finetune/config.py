@@ -42,6 +42,7 @@ class FinetuneConfig:
                                         "training goes on masked")
     srste_decay: float = _opt(2e-4, "sr-ste: sparse-refined decay lambda on the pruned positions")
     val_fraction: float = _opt(0.1, "fraction of the training windows held out for validation")
+    val_max: int = _opt(32, "at most this many validation windows (a validation pass costs their forward)")
     eval_every: int = _opt(20, "optimiser steps between validation passes (and checkpoints with --work-dir)")
     patience: int = _opt(0, "stop after this many validations without improvement (0: never stop early)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)")
@@ -58,7 +59,8 @@ class FinetuneConfig:
         if self.mode not in MODES:
             raise LLMPruneError(f"unknown finetune mode {self.mode!r}; choose {', '.join(MODES)}")
         ints = {"tokens": self.tokens, "seqlen": self.seqlen - 1, "batch_size": self.batch_size,
-                "grad_accum": self.grad_accum, "eval_every": self.eval_every, "admm_every": self.admm_every}
+                "grad_accum": self.grad_accum, "eval_every": self.eval_every, "admm_every": self.admm_every,
+                "val_max": self.val_max}
         if bad := [k for k, v in ints.items() if v < 1]:
             raise LLMPruneError(f"finetune: {bad[0]} is too small ({getattr(self, bad[0])})")
         if self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 < self.val_fraction < 1 or self.patience < 0:

@@ -30,9 +30,9 @@ from .sparsity import ADMM, SRSTE, Masked
 CHECKPOINT = "finetune-state.pt"
 
 
-def split_windows(windows: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_windows(windows: torch.Tensor, val_fraction: float, val_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows and a held-out validation tail (contiguous text, never seen in training)."""
-    n_val = max(1, round(len(windows) * val_fraction))
+    n_val = min(val_max, max(1, round(len(windows) * val_fraction)))
     if len(windows) - n_val < 1:
         raise LLMPruneError(f"finetune: {len(windows)} training windows are too few to hold out a validation split")
     return windows[:-n_val], windows[-n_val:]
@@ -81,7 +81,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
 
     acc = Accelerator(cpu=device.type == "cpu", device_placement=False)
     world, rank = acc.num_processes, acc.process_index
-    train_w, val_w = split_windows(windows, cfg.val_fraction)
+    train_w, val_w = split_windows(windows, cfg.val_fraction, cfg.val_max)
     steps = cfg.steps(world)
     params = dict(model.named_parameters())
     weights = {k: params[k] for k in patterns}
