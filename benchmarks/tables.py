@@ -116,6 +116,16 @@ def size() -> str:
     return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
 
 
+def finetune() -> str:
+    body = []
+    for r in _load("finetune.json")["rows"]:
+        label = "dense model, same fine-tuning (reference)" if r["row"] == "dense" else r["row"]
+        body.append([label, str(r["trained_tokens"]), f"{r['ppl_before']:.2f} → {r['ppl_after']:.2f}",
+                     f"{r['change']:+.1%}", f"{r['finetune_seconds']:.0f}", f"{r['peak_rss_gb']:.1f} GB", r["commit"]])
+    return _table(["start (pattern/mode/loss)", "tokens", "ppl before → after", "change", "finetune s", "peak RSS",
+                   "commit"], body)
+
+
 def demo() -> str:
     d = _load("demo.json")
     sec = d["seconds"]
@@ -125,7 +135,7 @@ def demo() -> str:
                   [[f"{d['ppl']['wikitext2']:.2f}", wall, phases, f"{d['peak_rss_gb']:.1f} GB", d["machine"], d["commit"]]])
 
 
-TABLES: dict[str, Callable[[], str]] = {"demo": demo, "quality-full": full_grid, "quality-full-options": full_options,
+TABLES: dict[str, Callable[[], str]] = {"demo": demo, "finetune": finetune, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size}
 # a block's body never spans another block's start, so an empty body cannot swallow the text after it

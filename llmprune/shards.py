@@ -34,7 +34,7 @@ def read_header(path: Path) -> dict[str, dict]:
             raise LLMPruneError(f"{path}: truncated shard ({size} bytes, not even a header)")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, _MAX_HEADER):
-            raise LLMPruneError(f"{path}: truncated or corrupt shard (header of {n} bytes in a {size}-byte file)")
+            raise LLMPruneError(f"{path}: corrupt or truncated shard (header of {n} bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
@@ -42,17 +42,20 @@ def read_header(path: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + n + end != size:
-        raise LLMPruneError(f"{path}: truncated or corrupt shard: header promises {8 + n + end} bytes, file has {size}")
+        raise LLMPruneError(f"{path}: corrupt or truncated shard: header promises {8 + n + end} bytes, file has {size}")
     return header
 
 
 class SafetensorsDir:
-    """A checkpoint folder (``model.safetensors`` or an index plus shards), validated on open.
+    """A checkpoint folder (``model.safetensors`` or an index plus shards), validated on open: the one reader
+    of safetensors folders, for the checkpoints pruned from and for llmprune's own (``export.Checkpoint``).
 
-    ``shapes`` and ``dtypes`` describe every tensor without reading it; :meth:`load` reads a few.
+    ``shapes``, ``dtypes`` and ``nbytes`` describe every tensor without reading it; :meth:`load` reads a few.
+    ``strict`` refuses tensors a shard holds but the index does not list (else they are ignored).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, strict: bool = False) -> None:
+        self.strict = strict
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise LLMPruneError(f"{self.path}: not a checkpoint directory")
@@ -68,10 +71,11 @@ class SafetensorsDir:
         self.file: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        self.nbytes: dict[str, int] = {}
         for shard in sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]:
             self._add_shard(shard, weight_map)
         if weight_map is not None and (missing := sorted(set(weight_map) - set(self.file))):
-            raise LLMPruneError(f"{missing[0]}: listed in {INDEX} but not in its shard {weight_map[missing[0]]}")
+            raise LLMPruneError(f"{missing[0]}: listed in {INDEX} but missing from shard {weight_map[missing[0]]}")
 
     def _add_shard(self, shard: str, weight_map: dict[str, str] | None) -> None:
         path = self.path / shard
@@ -79,12 +83,15 @@ class SafetensorsDir:
             raise LLMPruneError(f"{path}: shard listed in {INDEX} is missing")
         for name, entry in read_header(path).items():
             if weight_map is not None and weight_map.get(name) != shard:
+                if self.strict:
+                    raise LLMPruneError(f"{name}: stored in shard {shard} but not listed in {INDEX}")
                 continue  # a stray copy the index does not point at
             if entry.get("dtype") not in _DTYPES:
                 raise LLMPruneError(f"{name} in {shard}: unsupported dtype {entry.get('dtype')!r}")
             self.file[name] = shard
             self.shapes[name] = tuple(entry["shape"])
             self.dtypes[name] = _DTYPES[entry["dtype"]]
+            self.nbytes[name] = entry["data_offsets"][1] - entry["data_offsets"][0]
 
     def __contains__(self, name: str) -> bool:
         return name in self.file

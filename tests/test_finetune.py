@@ -51,7 +51,11 @@ def test_masked_mode_keeps_the_pruners_masks_and_lowers_the_validation_loss():
     assert val[-1] < val[0] and len(out.record["loss"]) == out.record["steps"] == 16
 
 
-@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("4x4:8", None), ("unstructured", 0.5)])
+SLOW = pytest.mark.slow  # more of the same: in CI, not in the quick loop
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), pytest.param("4x4:8", None, marks=SLOW),
+                                              pytest.param("unstructured", 0.5, marks=SLOW)])
 def test_admm_ends_exactly_on_the_pattern_and_its_violation_falls(pattern, sparsity):
     model, _, pruned = _pruned(pattern, sparsity)
     dense = tiny_model()  # NxMTransformer from a dense model: masks are found by training
@@ -105,7 +109,7 @@ def test_kd_and_squarehead_train_towards_the_teacher():
         llmprune.finetune(model, None, _cfg(kd=1.0), pruned.patterns, pruned.masks, windows=WINDOWS)
 
 
-@pytest.mark.parametrize("mode", ["masked", "admm", "sr-ste"])
+@pytest.mark.parametrize("mode", ["masked", pytest.param("admm", marks=SLOW), pytest.param("sr-ste", marks=SLOW)])
 def test_resumed_run_equals_uninterrupted(tmp_path, mode, monkeypatch):
     from llmprune.finetune import train as loop
 
@@ -143,6 +147,7 @@ def test_saved_checkpoint_is_a_normal_llmprune_checkpoint_with_curves(tmp_path):
         assert torch.equal(restored.get_parameter(f"{name}.weight"), model.get_parameter(f"{name}.weight"))
 
 
+@SLOW
 def test_cli_finetune_a_pruned_checkpoint_and_prune_then_finetune(tmp_path, tiny_model_dir, text_file, capsys):
     from llmprune.cli import main
     from llmprune.export import Checkpoint, inspect
@@ -215,3 +220,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in b["masks"])
     for k in b["state"]:
         torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_short_masked_run_lowers_the_validation_loss(smollm2):
+    """The real model: one-shot 2:4 (wanda, fast), then a few masked steps on WikiText-2 valid windows."""
+    from .conftest import SHARED_DATA
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)
+    calib = llmprune.data.calibration_windows(tokenizer, "wikitext2", 4, 128, 0, str(SHARED_DATA))
+    pruned = llmprune.prune(model, tokenizer, PruneConfig(method="wanda", pattern="2:4"), calib=calib, quiet=True)
+    cfg = FinetuneConfig(tokens=6 * 2 * 128, seqlen=128, batch_size=2, lr=1e-4, eval_every=3, val_max=8,
+                         data_dir=str(SHARED_DATA), device="cpu")
+    out = llmprune.finetune(model, tokenizer, cfg, pruned.patterns, pruned.masks, quiet=True)
+    val = [v["loss"] for v in out.record["val"]]
+    assert len(val) == 2 and val[-1] < val[0]
+    assert all(torch.equal(out.masks[k].unpack(), pruned.masks[k].unpack()) for k in pruned.masks)

@@ -112,7 +112,7 @@ def _drop_from_index(src: Path) -> None:
 
 @pytest.mark.parametrize("damage,message", [
     (lambda src: _shards(src)[-1].unlink(), "shard listed in .* is missing"),
-    (_truncate_tail, "truncated or corrupt shard: header promises"),
+    (_truncate_tail, "corrupt or truncated shard: header promises"),
     (_truncate_header, "truncated shard"),
     (_drop_from_index, "model.layers.1.mlp.up_proj.weight: missing from the checkpoint"),
     (lambda src: (src / "model.safetensors.index.json").unlink(), "no model.safetensors"),

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
-from ..shards import read_header
+from ..shards import SafetensorsDir
 from . import schema
 from .codecs import check, decode, mask_of, parts_of, prefix_of
 from .writer import crc32
@@ -43,28 +42,9 @@ class Checkpoint:
             self._crc: dict[str, str] = dict(index["metadata"][schema.CRC_KEY])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LLMPruneError(f"{index_path}: missing or malformed index ({exc})") from exc
-        self.stored_bytes: dict[str, int] = {}
-        for file in sorted(set(self.weight_map.values())):
-            self._check_shard(file)
+        self.files = SafetensorsDir(self.path, strict=True)  # shards, headers and sizes checked here
+        self.stored_bytes = self.files.nbytes
         self._check_targets()
-
-    def _check_shard(self, file: str) -> None:
-        path = self.path / file
-        if Path(file).name != file or not path.is_file():
-            raise LLMPruneError(f"{path}: shard listed in {schema.INDEX_NAME} is missing")
-        try:
-            with safe_open(path, framework="pt") as f:
-                held = set(f.keys())
-        except (SafetensorError, OSError) as exc:
-            raise LLMPruneError(f"{path}: corrupt or truncated shard: {exc}") from exc
-        listed = {name for name, where in self.weight_map.items() if where == file}
-        if missing := sorted(listed - held):
-            raise LLMPruneError(f"{missing[0]}: listed in {schema.INDEX_NAME} but missing from shard {file}")
-        if extra := sorted(held - listed):
-            raise LLMPruneError(f"{extra[0]}: stored in shard {file} but not listed in {schema.INDEX_NAME}")
-        for name, info in read_header(path).items():
-            start, end = info["data_offsets"]
-            self.stored_bytes[name] = end - start
 
     def _stored_names(self, name: str) -> list[str]:
         """Stored tensor names holding parameter ``name``."""
@@ -88,11 +68,7 @@ class Checkpoint:
         file = self.weight_map.get(stored)
         if file is None:
             raise LLMPruneError(f"{stored}: not in the checkpoint")
-        try:
-            with safe_open(self.path / file, framework="pt") as f:
-                tensor = f.get_tensor(stored)
-        except (SafetensorError, OSError) as exc:
-            raise LLMPruneError(f"{stored} in {file}: cannot be read: {exc}") from exc
+        tensor = self.files.load([stored])[stored]
         expected = self._crc.get(stored)
         if expected is None:
             raise LLMPruneError(f"{stored}: no checksum in {schema.INDEX_NAME}")
