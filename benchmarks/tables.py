@@ -126,6 +126,29 @@ def finetune() -> str:
                    "commit"], body)
 
 
+def scale() -> str:
+    body = [[r["shape"], str(r["params_b"]), r["method"], r["pattern"], f"{r['blocks']}/{r['blocks_total']}",
+             str(r["prune_seconds"]), "–" if r["peak_gpu_gib"] is None else str(r["peak_gpu_gib"]), str(r["peak_host_gib"]),
+             r["device"], r["commit"][:12]] for r in _load("scale.json")["rows"]]
+    return _table(["shape", "params (B)", "method", "pattern", "blocks", "prune s", "peak GPU GiB", "peak host GiB",
+                   "device", "commit"], body)
+
+
+def kernels() -> str:
+    """Layer rows at M = 1 and 2048 and the end-to-end rows of benchmarks/results/kernels.json (GPU only)."""
+    path = RESULTS / "kernels.json"
+    rows = [r for r in json.loads(path.read_text()) if "CPU" not in r["device"]] if path.is_file() else []
+    if not rows:
+        return "_No kernel row has been measured on a GPU yet (`benchmarks/device_run.py` writes them)._"
+    copy = next((r["gbps"] for r in rows if r["kernel"] == "copy"), None)
+    body = [[r["shape"], str(r["m"]), r["dtype"], r["format"], r["kernel"], str(r["us"]), str(r["speedup"]),
+             str(r.get("gbps", "")), r["device"], r["commit"]]
+            for r in rows if r["kernel"] != "copy" and (r.get("e2e") or r["m"] in (1, 2048))]
+    head = f"Copy bandwidth in the same run: {copy} GB/s.\n\n" if copy else ""
+    return head + _table(["shape", "M / batch", "dtype", "format", "kernel", "µs", "vs dense", "GB/s", "device", "commit"],
+                         body)
+
+
 def demo() -> str:
     d = _load("demo.json")
     sec = d["seconds"]
@@ -135,7 +158,7 @@ def demo() -> str:
                   [[f"{d['ppl']['wikitext2']:.2f}", wall, phases, f"{d['peak_rss_gb']:.1f} GB", d["machine"], d["commit"]]])
 
 
-TABLES: dict[str, Callable[[], str]] = {"demo": demo, "finetune": finetune, "quality-full": full_grid, "quality-full-options": full_options,
+TABLES: dict[str, Callable[[], str]] = {"demo": demo, "finetune": finetune, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size}
 # a block's body never spans another block's start, so an empty body cannot swallow the text after it

@@ -10,12 +10,15 @@ import argparse
 import copy
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import PruneConfig
 from .errors import LLMPruneError
@@ -55,8 +58,26 @@ def _add_dataclass_args(group: argparse._ArgumentGroup, cls: type, prefix: str =
         group.add_argument(_flag(f"{prefix}{f.name}"), **kw)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text  # nothing to show, or the help already says it (method options: "default X")
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that shows every default in --help and reports a usage error as one ``llmprune: error:`` line."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(formatter_class=_ShowDefaults, **kw)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise LLMPruneError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m llmprune",
         description="Prune an LLM layer by layer (ADMM, SparseGPT, Wanda, magnitude), evaluate it, save it. "
         "Also: python -m llmprune inspect DIR.",
@@ -128,14 +149,6 @@ def _own_earlier_output(args: argparse.Namespace, config: PruneConfig) -> bool:
     return config.resume and bool(config.work_dir) and {**saved, "resume": True} == this
 
 
-def _check_outputs(args: argparse.Namespace, config: PruneConfig) -> None:
-    if args.save and Path(args.save).exists() and not args.overwrite and not _own_earlier_output(args, config):
-        raise LLMPruneError(f"--save {args.save} exists; pass --overwrite to replace it")
-    for flag, value in (("--eval-seqlen", args.eval_seqlen), ("--eval-batch-size", args.eval_batch_size)):
-        if value < 2 - (flag == "--eval-batch-size"):
-            raise LLMPruneError(f"{flag} is too small: {value}")
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """The main job: load, (evaluate,) prune, save, evaluate, report. Every step is the API's.
 
@@ -146,10 +159,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from .models import default_model, load_model
     from .report import environment, write_json_atomic
 
+    from . import checks
+
     config = config_from_args(args)
     plan = config.plan()  # the one validation of the settings
     ft = finetune_config_from_args(args, config)
-    _check_outputs(args, config)
+    args.save_is_own_output = bool(args.save) and _own_earlier_output(args, config)
+    checks.before_loading(args, config)  # every model-free problem, at once
     if config.stream:
         _check_streamed(args)
         if ft is not None:
@@ -178,6 +194,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         publish()
         return record
     model, tokenizer = timed("load", load_model, source, args.dtype)
+    checks.after_loading(model, tokenizer, config, args.eval_seqlen if args.eval else None)
     eval_kw = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, device=config.device, data_dir=config.data_dir,
                    batch_size=args.eval_batch_size, quiet=args.quiet)
     if args.eval and args.eval_dense:
@@ -223,34 +240,47 @@ def _check_streamed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--quiet" in argv:
+        os.environ["TQDM_DISABLE"] = "1"  # every bar, transformers' GGUF conversion bar too
     try:
-        if argv[:1] == ["inspect"]:
-            from .export import inspect_main
-
-            return inspect_main(argv[1:])
-        if argv[:1] == ["finetune"]:
-            from .finetune.cli import main as finetune_main
-            from .finetune.cli import summary
-
-            print(summary(finetune_main(argv[1:])), flush=True)
-            return 0
-        args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
-        if args.quiet:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        from .report import print_summary
-
-        print_summary(run(args, argv))
-        return 0
+        with logging_redirect_tqdm():  # log lines go through tqdm's writer, so bars stay intact
+            return _main(argv)
     except LLMPruneError as e:
-        print(f"llmprune: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"llmprune: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        work = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--work-dir"), None)
-        kept = f"; finished blocks are kept in {work}: rerun the same command with --resume" if work else ""
-        print(f"llmprune: interrupted{kept}", file=sys.stderr)
+        if "--work-dir" in argv:
+            work = argv[argv.index("--work-dir") + 1]
+            again = " ".join(["python -m llmprune", *argv, *([] if "--resume" in argv else ["--resume"])])
+            print(f"llmprune: interrupted; every finished block is kept in {work}; continue with:\n  {again}",
+                  file=sys.stderr)
+        else:
+            print("llmprune: interrupted; nothing was written (pass --work-dir to make a run resumable)",
+                  file=sys.stderr)
         return 130
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["inspect"]:
+        from .export import inspect_main
+
+        return inspect_main(argv[1:])
+    if argv[:1] == ["finetune"]:
+        from .finetune.cli import main as finetune_main
+        from .finetune.cli import summary
+
+        print(summary(finetune_main(argv[1:])), flush=True)
+        return 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    from .report import print_summary
+
+    print_summary(run(args, argv))
+    return 0

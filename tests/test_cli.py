@@ -24,8 +24,8 @@ def _tiny(d, *extra: str) -> list[str]:
     return ["--model", str(d), "--nsamples", "4", "--seqlen", "16", "--quiet", *extra]
 
 
-def test_missing_model_path(capsys):
-    _fails(capsys, ["--model", "./no/such/model", "--quiet"], "model not found")
+def test_missing_model_path(capsys, text_file):
+    _fails(capsys, ["--model", "./no/such/model", "--calib", str(text_file), "--quiet"], "model not found")
 
 
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
@@ -41,12 +41,12 @@ def test_method_option_of_another_method(capsys):
     _fails(capsys, ["--method", "wanda", "--admm-rho", "2", "--quiet"], "--admm-rho applies to --method admm")
 
 
-def test_tile_on_indivisible_dimension(capsys, tmp_path, tokenizer):
+def test_tile_on_indivisible_dimension(capsys, tmp_path, tokenizer, text_file):
     from .conftest import tiny_model
 
     tiny_model(intermediate_size=130).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    _fails(capsys, _tiny(tmp_path, "--pattern", "4x4:8", "--calib", "unused.txt"), "not divisible by the 4x4 tiles")
+    _fails(capsys, _tiny(tmp_path, "--pattern", "4x4:8", "--calib", str(text_file)), "not divisible by the 4x4 tiles")
 
 
 def test_empty_calibration_file(capsys, tmp_path, tiny_model_dir):
@@ -66,12 +66,12 @@ def test_unknown_dataset_offline(capsys, tiny_model_dir):
 
 
 def test_named_dataset_offline_without_data_dir(capsys, tiny_model_dir):
-    _fails(capsys, _tiny(tiny_model_dir, "--calib", "ptb"), "cannot load dataset 'ptb'")
+    _fails(capsys, _tiny(tiny_model_dir, "--calib", "ptb"), "--calib ptb: no --data-dir/$LLMPRUNE_DATA, and offline")
 
 
-def test_save_refuses_existing_dir(capsys, tmp_path, tiny_model_dir):
+def test_save_refuses_existing_dir(capsys, tmp_path, tiny_model_dir, text_file):
     (tmp_path / "out").mkdir()
-    _fails(capsys, _tiny(tiny_model_dir, "--save", str(tmp_path / "out")), "--overwrite")
+    _fails(capsys, _tiny(tiny_model_dir, "--calib", str(text_file), "--save", str(tmp_path / "out")), "--overwrite")
 
 
 def test_full_run_writes_record_and_checkpoint(capsys, tmp_path, tiny_model_dir, text_file):
@@ -102,8 +102,8 @@ def test_exit_code_through_python_m():
     assert proc.stderr.strip().splitlines() == ["llmprune: error: pattern 3:2: need 0 < N <= M"]
 
 
-def test_stream_needs_save(capsys, tiny_model_dir):
-    _fails(capsys, _tiny(tiny_model_dir, "--stream"), "--stream needs --save")
+def test_stream_needs_save(capsys, tiny_model_dir, text_file):
+    _fails(capsys, _tiny(tiny_model_dir, "--stream", "--calib", str(text_file)), "--stream needs --save")
 
 
 def test_streamed_run_saves_a_checkpoint_that_inspects_clean(capsys, tmp_path, tiny_model_dir, text_file):

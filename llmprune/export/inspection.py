@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -70,14 +69,16 @@ def _table(report: dict[str, Any]) -> str:
 
 def inspect_main(argv: list[str]) -> int:
     """CLI entry: 0 if every layer verifies, 1 if any fails its checks, 2 if the checkpoint can't be opened."""
-    parser = argparse.ArgumentParser(prog="llmprune inspect", description=__doc__)
+    from ..cli import Parser
+
+    parser = Parser(prog="python -m llmprune inspect", description=__doc__)
     parser.add_argument("dir", help="checkpoint folder written by llmprune")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         report = inspect(args.dir)
     except LLMPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"llmprune: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0 if report["ok"] else 1

@@ -174,6 +174,9 @@ class CheckpointWriter:
 
     def _publish(self, tmp: Path) -> None:
         self._refuse_existing()  # it may have appeared since __init__
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a server running as another user must read it
         old = None
         if self.out_dir.exists() or self.out_dir.is_symlink():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")

@@ -17,9 +17,9 @@ from .config import FinetuneConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _add_dataclass_args
+    from ..cli import Parser, _add_dataclass_args
 
-    p = argparse.ArgumentParser(prog="python -m llmprune finetune",
+    p = Parser(prog="python -m llmprune finetune",
                                 description="Recover a pruned model by training, keeping its pattern exact.")
     io = p.add_argument_group("model and outputs")
     io.add_argument("--model", required=True, help="llmprune checkpoint (its patterns and masks are kept) or a "
