@@ -10,7 +10,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -193,7 +192,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         record["prune"] = result.record
         publish()
         return record
-    model, tokenizer = timed("load", load_model, source, args.dtype)
+    model, tokenizer = timed("load", load_model, source, args.dtype, args.quiet)
     checks.after_loading(model, tokenizer, config, args.eval_seqlen if args.eval else None)
     eval_kw = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, device=config.device, data_dir=config.data_dir,
                    batch_size=args.eval_batch_size, quiet=args.quiet)
@@ -240,8 +239,6 @@ def _check_streamed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--quiet" in argv:
-        os.environ["TQDM_DISABLE"] = "1"  # every bar, transformers' GGUF conversion bar too
     try:
         with logging_redirect_tqdm():  # log lines go through tqdm's writer, so bars stay intact
             return _main(argv)

@@ -6,10 +6,14 @@ stay architecture-agnostic.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
+import importlib
 import importlib.util
 import logging
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,8 +44,22 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
 
 
-def load_model(source: str, dtype: str = "auto") -> tuple[nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a hub id, a local directory or a ``.gguf`` file."""
+@contextlib.contextmanager
+def _gguf_bar(quiet: bool) -> Iterator[None]:
+    """transformers' GGUF conversion bar is a plain tqdm (not behind its progress-bar switch): silence it."""
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils") if quiet else None
+    real = getattr(module, "tqdm", None)
+    if real is not None:
+        module.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        if real is not None:
+            module.tqdm = real
+
+
+def load_model(source: str, dtype: str = "auto", quiet: bool = False) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a ``.gguf`` file (``quiet``: no bars)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -62,7 +80,8 @@ def load_model(source: str, dtype: str = "auto") -> tuple[nn.Module, Any]:
         where, torch_dtype = source, DTYPES.get(dtype, "auto")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+        with _gguf_bar(quiet):
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LLMPruneError(f"cannot load model {source!r}: {first}") from e
