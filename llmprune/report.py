@@ -85,7 +85,10 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def summary(record: dict[str, Any]) -> str:
     """The table printed at the end of a CLI run."""
     cfg, prune = record["config"], record.get("prune", {})
-    rows = [["method", cfg["method"]], ["pattern", cfg["pattern"]], ["sparsity (measured)", prune.get("sparsity", 0.0)]]
+    rows = [["method", cfg["method"]], ["pattern", cfg["pattern"]], ["sparsity (measured)", prune.get("sparsity", 0.0)],
+            ["target Linears pruned", prune.get("targets", 0)]]
+    if cfg.get("skip"):
+        rows.append(["skipped (--skip)", ", ".join(cfg["skip"])])
     for name, ppl in record.get("ppl", {}).get("dense", {}).items():
         rows.append([f"ppl {name} dense", ppl])
     for name, ppl in record.get("ppl", {}).get("pruned", {}).items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,11 @@ def test_full_run_writes_record_and_checkpoint(capsys, tmp_path, tiny_model_dir,
     assert {"load", "prune", "eval", "save"} <= set(record["seconds"])
     assert json.loads((out / "llmprune_run.json").read_text())["config"]["pattern"] == "2:4"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # readable by a server running as another user
+    assert (report.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert "| target Linears pruned | 14 |" in stdout
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
