@@ -143,7 +143,8 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
             commit(blocks[i].state_dict(), block_masks)
         io.release(i)
         bar.set_postfix(err=f"{sum(r['recon_error'] for r in state.layers[-8:]) / min(8, len(state.layers)):.4f}")
-    del acts
+    acts.batches.clear()  # free the activations before the caller's next step
+    acts.targets = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return EngineResult(_record(state, plan, patterns, device, len(blocks), n_targets, t0, resumed_from),

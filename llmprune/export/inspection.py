@@ -69,7 +69,7 @@ def _table(report: dict[str, Any]) -> str:
 
 def inspect_main(argv: list[str]) -> int:
     """CLI entry: 0 if every layer verifies, 1 if any fails its checks, 2 if the checkpoint can't be opened."""
-    from ..cli import Parser
+    from ..flags import Parser
 
     parser = Parser(prog="python -m llmprune inspect", description=__doc__)
     parser.add_argument("dir", help="checkpoint folder written by llmprune")

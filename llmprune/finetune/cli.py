@@ -17,7 +17,7 @@ from .config import FinetuneConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import Parser, _add_dataclass_args
+    from ..flags import Parser, _add_dataclass_args, add_output_args
 
     p = Parser(prog="python -m llmprune finetune",
                                 description="Recover a pruned model by training, keeping its pattern exact.")
@@ -28,12 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--sparsity", type=float, default=None, help="for a dense --model with --pattern unstructured")
     io.add_argument("--teacher", default=None, help="dense teacher for --kd / --squarehead (default with a dense "
                                                      "--model: its own weights before training)")
-    io.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="weights dtype")
-    io.add_argument("--save", metavar="DIR", help="write the fine-tuned checkpoint (with curves) to DIR")
-    io.add_argument("--format", default="compressed", choices=("compressed", "dense"), help="checkpoint format")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing --save DIR")
-    io.add_argument("--report", metavar="PATH", help="write the JSON run record to PATH")
-    io.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_args(io, "fine-tuned")
     _add_dataclass_args(p.add_argument_group("fine-tuning"), FinetuneConfig)
     return p
 
