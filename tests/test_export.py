@@ -403,3 +403,25 @@ def test_saved_positions_are_the_pruners_mask_not_the_zeros(tmp_path: Path, fmt:
     assert not torch.equal(ckpt.weight(name) != 0, mask)
     packed = pack(ckpt.weight(name), layout_for("2:4"), ckpt.mask(name))
     assert torch.equal(llmprune.kernels.unpack(packed), ckpt.weight(name))
+
+
+def test_gguf_quantization_metadata_is_not_inherited(tmp_path: Path) -> None:
+    """A model loaded from GGUF carries quant_method gguf though its weights are dequantized; the saved config
+    must say what the weights are, so plain transformers can re-save it and Trainer can train it."""
+    import transformers
+
+    from .conftest import tiny_model
+
+    model = tiny_model()
+    model.config.quantization_config = {"quant_method": "gguf", "dequantize": True}  # as transformers leaves it
+    save_pruned(model, None, tmp_path / "dense", "dense", {})
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    plain.save_pretrained(tmp_path / "again")  # refused for a model that claims to be gguf-quantized
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(tmp_path / "trainer", max_steps=1, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    before = plain.model.layers[0].mlp.up_proj.weight.detach().clone()
+    transformers.Trainer(model=plain, args=args, train_dataset=data).train()
+    assert not torch.equal(plain.model.layers[0].mlp.up_proj.weight, before)  # one real training step

@@ -190,9 +190,15 @@ class CheckpointWriter:
 
 
 def output_config(model: torch.nn.Module) -> Any:
-    """The config a checkpoint of ``model`` is saved with."""
+    """The config a checkpoint of ``model`` is saved with: it says what the saved weights are, so quantization
+    metadata inherited from loading (a GGUF file's ``quant_method: gguf``; the weights were dequantized) is
+    dropped, or transformers, Trainer, llm-compressor and vLLM treat the plain weights as quantized."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
     config.dtype = next(iter(model.state_dict().values())).dtype if model.dtype is None else model.dtype
     return config
 
