@@ -86,10 +86,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return out
 
     def publish() -> None:
+        from .export.card import refresh_card
+
         if args.report:
             write_json_atomic(args.report, record)
         if args.save:
             write_json_atomic(Path(args.save) / "llmprune_run.json", record)
+            refresh_card(args.save, record)  # the card's evaluation table is the final one
 
     if config.stream:
         result = timed("prune_and_save", prune_checkpoint, args.model, args.save, config, fmt=args.format,

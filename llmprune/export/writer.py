@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..errors import LLMPruneError
 from ..patterns import Pattern
 from . import schema
+from .card import model_card
 from .codecs import PackedMask, check, encode, prefix_of
 
 _RESERVED = ("config.json", "generation_config.json", schema.INDEX_NAME)
@@ -152,7 +153,11 @@ class CheckpointWriter:
                 generation_config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            for rel, content in (extra_files or {}).items():
+            files = dict(extra_files or {})
+            if "README.md" not in files:  # the model card, from the run record when the caller saves one
+                run = files.get("llmprune_run.json")
+                files["README.md"] = model_card(self.fmt, self._targets, sparsity, json.loads(run) if run else None)
+            for rel, content in files.items():
                 self._write_extra(tmp, rel, content)
             self._publish(tmp)
         except BaseException:
