@@ -73,6 +73,7 @@ def capture_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, b
 
         return forward
 
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's hooks set one: keep it
     for i, block in enumerate(blocks):
         block.forward = catcher(i)  # an instance attribute shadows the class's forward
     try:
@@ -82,8 +83,11 @@ def capture_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, b
             except StopForward:
                 pass
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return acts
 
 
