@@ -117,13 +117,21 @@ def size() -> str:
 
 
 def finetune() -> str:
+    rows = _load("finetune.json")["rows"]
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+
+    def ratio(r: dict) -> str:  # × the dense model, before and after the same fine-tuning
+        if dense is None or r is dense:
+            return "–"
+        return f"{r['ppl_before'] / dense['ppl_before']:.2f} → {r['ppl_after'] / dense['ppl_after']:.2f}"
+
     body = []
-    for r in _load("finetune.json")["rows"]:
-        label = "dense model, same fine-tuning (reference)" if r["row"] == "dense" else r["row"]
+    for r in rows:
+        label = "dense model, same fine-tuning (reference)" if r is dense else r["row"]
         body.append([label, str(r["trained_tokens"]), f"{r['ppl_before']:.2f} → {r['ppl_after']:.2f}",
-                     f"{r['change']:+.1%}", f"{r['finetune_seconds']:.0f}", f"{r['peak_rss_gb']:.1f} GB", r["commit"]])
-    return _table(["start (pattern/mode/loss)", "tokens", "ppl before → after", "change", "finetune s", "peak RSS",
-                   "commit"], body)
+                     f"{r['change']:+.1%}", ratio(r), f"{r['finetune_seconds']:.0f}", r["commit"]])
+    return _table(["start (pattern/mode/loss)", "tokens", "ppl before → after", "change", "× dense before → after",
+                   "finetune s", "commit"], body)
 
 
 def scale() -> str:
