@@ -251,3 +251,18 @@ def test_block_tuning_in_bfloat16_keeps_the_dtype():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(b["after"] <= b["before"] for b in record["tune"])
     assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(model.model.layers, "m").values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_engine_on_each_device(device):
+    """The same run on the GPU (blocks visit it one at a time) as on the CPU: exact pattern, weights back home,
+    layer errors within a few percent (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = _prune(tiny_model(), method="admm", pattern="2:4", device="cpu")
+    model = tiny_model()
+    record = _prune(model, method="admm", pattern="2:4", device=device)
+    assert record["device"].startswith(device) and record["sparsity"] == pytest.approx(0.5)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    for a, b in zip(record["layers"], ref["layers"]):
+        assert a["recon_error"] == pytest.approx(b["recon_error"], rel=0.05, abs=1e-4), a["name"]
