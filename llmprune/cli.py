@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if "--work-dir" in argv:
             work = argv[argv.index("--work-dir") + 1]
             again = " ".join(["python -m llmprune", *argv, *([] if "--resume" in argv else ["--resume"])])
-            print(f"llmprune: interrupted; every finished block is kept in {work}; continue with:\n  {again}",
-                  file=sys.stderr)
+            kept = "the last training checkpoint" if argv[:1] == ["finetune"] else "every finished block"
+            print(f"llmprune: interrupted; {kept} is kept in {work}; continue with:\n  {again}", file=sys.stderr)
         else:
             print("llmprune: interrupted; nothing was written (pass --work-dir to make a run resumable)",
                   file=sys.stderr)

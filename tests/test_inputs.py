@@ -74,3 +74,16 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_model_dir, text_fil
     assert all(any(e in line for line in lines) for e in expected), out.err
     assert set(tmp_path.iterdir()) == before  # nothing written, no temp folder left
     assert seconds < 10, f"{name}: refused only after {seconds:.1f} s"
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(monkeypatch, capsys, tmp_path):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llmprune.cli.run", interrupted)
+    assert main(["--pattern", "2:4", "--work-dir", str(tmp_path / "w"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"every finished block is kept in {tmp_path / 'w'}" in err
+    assert f"python -m llmprune --pattern 2:4 --work-dir {tmp_path / 'w'} --quiet --resume" in err
+    assert main(["--pattern", "2:4", "--quiet"]) == 130
+    assert "nothing was written (pass --work-dir" in capsys.readouterr().err
