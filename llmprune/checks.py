@@ -105,7 +105,8 @@ def before_loading(args: Any, config: Any) -> None:
 
 def after_loading(model: Any, tokenizer: Any, config: Any, eval_seqlen: int | None) -> None:
     """Checks that need the model's config and tokenizer, before any calibration."""
-    from .models import find_blocks, find_linears
+    from .models import find_blocks
+    from .targets import find_targets
 
     problems = []
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -116,8 +117,9 @@ def after_loading(model: Any, tokenizer: Any, config: Any, eval_seqlen: int | No
         problems.append("the model has no tokenizer to read the calibration text with")
     if config.skip:
         prefix, blocks = find_blocks(model)
-        names = [n for i, b in enumerate(blocks) for n in find_linears(b, f"{prefix}.{i}")]
+        names = list(dict.fromkeys(t.name if t.expert is None else t.state_key
+                                   for i, b in enumerate(blocks) for t in find_targets(b, f"{prefix}.{i}").values()))
         for glob in config.skip:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-                problems.append(f"--skip {glob!r} matches no Linear of the model (names look like {names[0]})")
+                problems.append(f"--skip {glob!r} matches no target of the model (names look like {names[0]})")
     _raise(problems)

@@ -33,7 +33,12 @@ class PruneConfig:
                            choices=("uniform", "owl"))
     owl_lambda: float = _opt(0.08, "OWL: block sparsities spread over a band of width 2*lambda around --sparsity")
     owl_m: float = _opt(5.0, "OWL: a weight is an outlier when its Wanda score exceeds m times its block's mean")
-    skip: list[str] = _opt([], "glob patterns of Linear names to leave dense (e.g. '*.mlp.down_proj')")
+    skip: list[str] = _opt([], "glob patterns of target names to leave dense: Linear modules (e.g. "
+                               "'*.mlp.down_proj') or fused expert tensors (all experts of '*.experts.down_proj')")
+    expert_min_tokens: int = _opt(16, "an expert that the router sent fewer calibration tokens than this is "
+                                      "pruned by magnitude (its statistics are too few to fit a weight update)")
+    strict: bool = _opt(False, "refuse to run when a block holds a parameter of >= 1%% of its size that is not "
+                               "pruned (instead of listing it in a warning and the run record)")
     calib: str = _opt("wikitext2", "calibration data: wikitext2, c4, ptb or a path to a .txt file")
     nsamples: int = _opt(128, "calibration windows")
     seqlen: int = _opt(2048, "tokens per calibration window")
@@ -75,8 +80,10 @@ class PruneConfig:
             method=self.method, method_config=self.method_config(), pattern=self.resolved_pattern(),
             skip=tuple(self.skip), batch_size=self.batch_size, sequential=self.sequential,
             dense_targets=self.dense_targets, tune_epochs=self.tune_epochs, tune_lr=self.tune_lr,
-            owl=OwlPlan(self.owl_lambda, self.owl_m) if self.allocation == "owl" else None, seed=self.seed,
-            run=RunOptions(resolve_device(self.device), self.offload_activations, self.work_dir, self.resume),
+            owl=OwlPlan(self.owl_lambda, self.owl_m) if self.allocation == "owl" else None,
+            expert_min_tokens=self.expert_min_tokens, seed=self.seed,
+            run=RunOptions(resolve_device(self.device), self.offload_activations, self.work_dir, self.resume,
+                           self.strict),
         )
 
     def _check(self) -> None:
@@ -86,6 +93,8 @@ class PruneConfig:
         self.method_config()
         if self.nsamples < 1 or self.seqlen < 2:
             raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if self.expert_min_tokens < 0:
+            raise LLMPruneError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         if self.batch_size < 1:
             raise LLMPruneError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.dense_targets and not METHODS[self.method].weight_update:

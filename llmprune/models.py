@@ -7,7 +7,6 @@ stay architecture-agnostic.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import importlib
 import importlib.util
@@ -114,21 +113,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
-def find_linears(block: nn.Module, prefix: str, skip: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside ``block`` by full name, minus those matching a ``skip`` glob."""
-    found: dict[str, nn.Linear] = {}
-    for name, mod in block.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
-        if type(mod).__name__ == "Conv1D":
-            raise LLMPruneError(
-                f"{full} is a GPT-2-style Conv1D layer, which llmprune does not prune; "
-                "use a model with nn.Linear layers (Llama, Mistral, Qwen2, Gemma, ...)"
-            )
-        if isinstance(mod, nn.Linear) and not any(fnmatch.fnmatchcase(full, g) for g in skip):
-            found[full] = mod
-    return found
 
 
 def move_non_block_modules(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:

@@ -12,7 +12,8 @@ import llmprune
 from llmprune import LLMPruneError, PruneConfig
 from llmprune.engine import StatsCollector, capture_inputs
 from llmprune.engine.block import run_block
-from llmprune.models import find_blocks, find_linears
+from llmprune.models import find_blocks
+from llmprune.targets import find_targets
 from llmprune.patterns import count, parse_pattern
 
 from .conftest import tiny_model
@@ -42,11 +43,11 @@ def test_exact_sparsity_in_every_linear(method, pattern, sparsity):
     pat = parse_pattern(pattern, sparsity)
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
-        for name, lin in find_linears(block, f"{prefix}.{i}").items():
+        for name, lin in find_targets(block, f"{prefix}.{i}").items():
             if pat.structured:
                 assert int((lin.weight == 0).sum()) == count(pat.sparsity, lin.weight.numel()), name
             else:  # exact integer count in every comparison group (row)
-                assert ((lin.weight == 0).sum(1) == count(pat.sparsity, lin.in_features)).all(), name
+                assert ((lin.weight == 0).sum(1) == count(pat.sparsity, lin.weight.shape[1])).all(), name
             assert pat.violations(lin.weight) == 0, name
     assert len(record["layers"]) == 2 * 7
     assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
@@ -104,7 +105,7 @@ def test_shared_inputs_share_one_xtx():
     model = tiny_model()
     _, blocks = find_blocks(model)
     acts = capture_inputs(model, blocks, CALIB, 4, torch.device("cpu"), torch.device("cpu"))
-    collector = StatsCollector(find_linears(blocks[0], "b"), torch.device("cpu"), ("xtx", "input_sq"))
+    collector = StatsCollector(find_targets(blocks[0], "b"), torch.device("cpu"), ("xtx", "input_sq"))
     run_block(blocks[0], acts, torch.device("cpu"), replace=False, collector=collector)
     collector.remove()
     groups = [sorted(n.rsplit(".", 1)[-1] for n in g) for g in collector.groups()]
@@ -187,7 +188,7 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(method):
         models[variant] = model = copy.deepcopy(dense)
         record = _prune(model, method=method, pattern="2:4", **dict.fromkeys(variant, True))
         assert record["sparsity"] == pytest.approx(0.5)
-        assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(model.model.layers, "m").values())
+        assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_targets(model.model.layers, "m").values())
         errors[variant] = _logit_error(model, dense)
     # block 0 sees identical inputs in both streams, so its q/k/v are pruned exactly as without targets
     q = [models[v].model.layers[0].self_attn.q_proj.weight for v in [(), ("dense_targets",)]]
@@ -214,8 +215,8 @@ def test_owl_allocation_gives_outlier_blocks_more_weights():
     assert sum(alloc["sparsity"]) / 4 == pytest.approx(0.6) and max(alloc["sparsity"]) - min(alloc["sparsity"]) == pytest.approx(0.2)
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):  # every row of every Linear holds exactly its block's sparsity
-        for name, lin in find_linears(block, f"{prefix}.{i}").items():
-            assert ((lin.weight == 0).sum(1) == count(alloc["sparsity"][i], lin.in_features)).all(), name
+        for name, lin in find_targets(block, f"{prefix}.{i}").items():
+            assert ((lin.weight == 0).sum(1) == count(alloc["sparsity"][i], lin.weight.shape[1])).all(), name
     assert record["sparsity"] == pytest.approx(0.6, abs=1 / 64)
     assert {r["target"] for r in record["layers"]} == set(alloc["sparsity"])
 
@@ -239,9 +240,9 @@ def test_block_tuning_lowers_the_error_and_keeps_the_masks(extra):
     record = _prune(tuned, method="admm", pattern="2:4", tune_epochs=10, tune_lr=1e-3, **extra)
     assert len(record["tune"]) == 2 and all(b["after"] < 0.5 * b["before"] for b in record["tune"])
     # block 0 keeps exactly the zeros it was pruned to (block 1 sees tuned inputs, so its masks may differ)
-    for name, lin in find_linears(tuned.model.layers[0], "b").items():
-        assert torch.equal(lin.weight == 0, find_linears(plain.model.layers[0], "b")[name].weight == 0), name
-    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(tuned.model.layers, "m").values())
+    for name, lin in find_targets(tuned.model.layers[0], "b").items():
+        assert torch.equal(lin.weight == 0, find_targets(plain.model.layers[0], "b")[name].weight == 0), name
+    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_targets(tuned.model.layers, "m").values())
     assert _logit_error(tuned, dense) < 0.5 * _logit_error(plain, dense)
 
 
@@ -250,7 +251,7 @@ def test_block_tuning_in_bfloat16_keeps_the_dtype():
     record = _prune(model, method="wanda", pattern="2:4", tune_epochs=2, tune_lr=1e-3)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(b["after"] <= b["before"] for b in record["tune"])
-    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_linears(model.model.layers, "m").values())
+    assert all(parse_pattern("2:4").violations(lin.weight) == 0 for lin in find_targets(model.model.layers, "m").values())
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

@@ -13,7 +13,7 @@ import llmprune
 from llmprune import FinetuneConfig, PruneConfig
 from llmprune.finetune import losses
 from llmprune.finetune.sparsity import SRSTE
-from llmprune.models import find_linears
+from llmprune.targets import find_targets
 
 from .conftest import tiny_model
 
@@ -144,7 +144,7 @@ def test_saved_checkpoint_is_a_normal_llmprune_checkpoint_with_curves(tmp_path):
     path = out.save(tmp_path / "ft")
     assert (path / "finetune_curves.png").read_bytes()[:4] == b"\x89PNG"
     restored = llmprune.load(path)
-    for name in find_linears(restored.model.layers[0], "model.layers.0"):
+    for name in find_targets(restored.model.layers[0], "model.layers.0"):
         assert torch.equal(restored.get_parameter(f"{name}.weight"), model.get_parameter(f"{name}.weight"))
 
 

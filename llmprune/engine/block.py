@@ -1,4 +1,4 @@
-"""One decoder block: stream the calibration batches through it, prune each target Linear, advance."""
+"""One decoder block: stream the calibration batches through it, prune each target, advance."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
-from ..methods import LayerStats, dense_target, paired_error, reconstruction_error
-from ..models import find_linears
+from ..methods import METHODS, LayerStats, MagnitudeConfig, dense_target, paired_error, reconstruction_error
 from ..patterns import Pattern
 from ..stages.tune import tune_block
+from ..targets import Target, find_targets
 from .capture import Activations, StopForward, block_out
 from .plan import Plan
 from .statistics import DenseTap, ErrorMeter, StatsCollector
@@ -28,6 +28,8 @@ class LayerRecord:
     sparsity: float
     recon_error: float
     seconds: float
+    tokens: int = 0  # calibration rows its input had (for an expert: the tokens routed to it)
+    method: str = ""  # the method used: the plan's, or magnitude for an expert below plan.expert_min_tokens
 
 
 @torch.no_grad()
@@ -58,40 +60,71 @@ def run_block(block: nn.Module, acts: Activations, device: torch.device, replace
     return targets
 
 
-def prune_linear(name: str, lin: nn.Linear, stats: LayerStats, plan: Plan, pattern: Pattern,
-                 xtd: torch.Tensor | None = None, dense_sq: float | None = None) -> tuple[LayerRecord, torch.Tensor]:
-    """Apply the plan's method with ``pattern`` to one Linear in place; returns its record and the method's mask.
+def prune_target(name: str, target: Target, stats: LayerStats, plan: Plan, pattern: Pattern,
+                 xtd: torch.Tensor | None = None, dense_sq: float | None = None,
+                 tokens: int = 0) -> tuple[LayerRecord, torch.Tensor]:
+    """Apply the plan's method with ``pattern`` to one target in place; returns its record and the method's mask.
 
     With ``xtd`` (= XₚᵀX_d, pruned-model inputs against dense-model inputs) and ``dense_sq`` (= ‖X_dWᵀ‖²)
     the layer is fitted to the dense model's outputs (:func:`llmprune.methods.dense_target`). Without
     XᵀX the record's error is NaN until the block's :class:`ErrorMeter` fills it in.
+
+    An expert that saw fewer than ``plan.expert_min_tokens`` calibration tokens is pruned by magnitude:
+    a Gram of a few rows is mostly damping, and a weight update fitted to them would overfit those tokens.
     """
     t0 = time.perf_counter()
+    method, config = plan.method, plan.method_config
+    if target.expert is not None and tokens < plan.expert_min_tokens:
+        method, config, stats, xtd = "magnitude", MagnitudeConfig(), LayerStats(None, None), None
+    elif tokens == 0 and METHODS[method].stats:
+        raise LLMPruneError(f"{name}: never ran in the calibration forward pass, so {method} has no statistics")
     xtx = stats.xtx
     if any(s is not None and not torch.isfinite(s).all() for s in (*stats, xtd)):
         raise LLMPruneError(f"{name}: calibration statistics contain NaN/Inf (overflow in the activations?)")
-    w0 = lin.weight.detach().to(torch.float32, copy=True)  # one fp32 copy, whatever the model dtype
+    weight = target.weight
+    w0 = weight.detach().to(torch.float32, copy=True)  # one fp32 copy, whatever the model dtype
     try:
-        target = w0.clone() if xtd is None else dense_target(w0, xtx, xtd, plan.method_config.percdamp)
-        result = plan.spec.fn(target, stats, pattern, plan.method_config)
+        start = w0.clone() if xtd is None else dense_target(w0, xtx, xtd, config.percdamp)
+        result = METHODS[method].fn(start, stats, pattern, config)
     except (FloatingPointError, torch.linalg.LinAlgError) as e:
-        raise LLMPruneError(f"{name}: {plan.method} failed numerically: {e}") from e
+        raise LLMPruneError(f"{name}: {method} failed numerically: {e}") from e
     if not torch.isfinite(result.weight).all():
-        raise LLMPruneError(f"{name}: {plan.method} produced NaN/Inf weights")
+        raise LLMPruneError(f"{name}: {method} produced NaN/Inf weights")
     # masked_fill turns the -0.0 that W * mask leaves into +0.0, so checkpoints round-trip bit-exactly.
-    lin.weight.data.copy_(result.weight.masked_fill(~result.mask, 0.0).to(lin.weight.dtype))
-    sparsity = 1.0 - int(torch.count_nonzero(lin.weight)) / lin.weight.numel()
-    w1 = lin.weight.data.to(torch.float32)
+    weight.data.copy_(result.weight.masked_fill(~result.mask, 0.0).to(weight.dtype))
+    sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+    w1 = weight.data.to(torch.float32)
     if xtx is None:
         err = float("nan")
     else:
         err = reconstruction_error(w0, w1, xtx) if xtd is None else paired_error(w0, w1, xtx, xtd, dense_sq)
-    record = LayerRecord(name, list(lin.weight.shape), pattern.sparsity, sparsity, err, time.perf_counter() - t0)
+    record = LayerRecord(name, list(weight.shape), pattern.sparsity, sparsity, err, time.perf_counter() - t0,
+                         tokens, method)
     return record, result.mask
 
 
+def tunable(targets: dict[str, Target], masks: dict[str, torch.Tensor]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The parameters holding ``targets`` and their masks in the parameters' own layout (an experts
+    tensor's per-expert masks stacked, transposed back where it stores ``[in, out]``)."""
+    params: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}
+    for t in targets.values():
+        p = getattr(t.module, t.param)
+        mask = masks[t.key]
+        if t.expert is not None and t.module.is_transposed:
+            mask = mask.T
+        params.setdefault(id(p), (p, {}))[1][-1 if t.expert is None else t.expert] = mask
+    out_p, out_m = [], []
+    for p, parts in params.values():
+        if -1 in parts:
+            out_m.append(parts[-1])
+        else:  # an expert tensor: a skipped expert keeps every weight
+            out_m.append(torch.stack([parts.get(e, torch.ones(p.shape[1:], dtype=torch.bool)) for e in range(p.shape[0])]))
+        out_p.append(p)
+    return out_p, out_m
+
+
 @torch.no_grad()
-def _collect(block: nn.Module, linears: dict[str, nn.Linear], acts: Activations, device: torch.device, plan: Plan,
+def _collect(block: nn.Module, linears: dict[str, Target], acts: Activations, device: torch.device, plan: Plan,
              tap: DenseTap | None, stop_early: bool = False,
              keep: list[torch.Tensor] | None = None) -> tuple[StatsCollector, list[torch.Tensor]]:
     collector = StatsCollector(linears, device, plan.stats(), tap, stop_early)
@@ -104,7 +137,7 @@ def _collect(block: nn.Module, linears: dict[str, nn.Linear], acts: Activations,
 
 def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pattern: Pattern,
                 device: torch.device) -> tuple[list[LayerRecord], dict[str, torch.Tensor], tuple[float, float] | None]:
-    """Prune every target Linear of one block (already on ``device``) to ``pattern`` and advance the activations.
+    """Prune every target of one block (already on ``device``) to ``pattern`` and advance the activations.
 
     With ``plan.sequential`` the groups of Linears sharing an input (q/k/v, o, gate/up, down) are
     pruned in execution order, each from statistics taken through the already-pruned earlier groups,
@@ -118,34 +151,37 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pa
     towards the dense model's outputs, or without dense targets towards the dense block's outputs on the
     same inputs (kept from the first pass).
 
-    Returns the layer records, each Linear's mask (``name.weight`` -> bool, on the host) and the block's
-    relative output error before and after tuning (``None`` without tuning).
+    Returns the layer records, each target's mask (its weight key -> bool ``[out, in]``, on the host) and
+    the block's relative output error before and after tuning (``None`` without tuning).
     """
-    linears = find_linears(block, prefix, plan.skip)
+    linears = find_targets(block, prefix, plan.skip)
     tap = DenseTap(block, prefix, plan.skip) if acts.targets is not None else None
     dense = copy.deepcopy(block) if "xtx" not in plan.stats() and linears else None  # for the ErrorMeter
     local: list[torch.Tensor] | None = [] if plan.tune_epochs and tap is None else None
     collector, targets = _collect(block, linears, acts, device, plan, tap, keep=local)
     records: list[LayerRecord] = []
     masks: dict[str, torch.Tensor] = {}
+    seen = set(collector.owner)  # targets that ran at all (an expert may get no token)
     for k, group in enumerate(collector.groups()):
-        if (plan.sequential or tap is not None) and k > 0:
+        if (plan.sequential or tap is not None) and k > 0 and seen.issuperset(group):
             collector, _ = _collect(block, {n: linears[n] for n in group}, acts, device, plan, tap, stop_early=True)
         for n in group:
-            record, mask = prune_linear(n, linears[n], collector.get(n), plan, pattern, *collector.paired(n))
+            record, mask = prune_target(n, linears[n], collector.get(n), plan, pattern, *collector.paired(n),
+                                        tokens=collector.rows.get(n, 0))
             records.append(record)
-            masks[f"{n}.weight"] = mask.to("cpu")
+            masks[linears[n].key] = mask.to("cpu")
     del collector
     if dense is not None:  # exact errors for methods without XᵀX, as pruned (before tuning), on the dense inputs
         meter = ErrorMeter(dense, linears, prefix, plan.skip)
         run_block(dense, acts, device, replace=False)
         errors = meter.errors()
         for record in records:
-            record.recon_error = errors[record.name]
+            record.recon_error = errors[record.name]  # NaN for an expert no token reached
         del dense
     tuned = None
     if plan.tune_epochs and linears:
-        tuned = tune_block(block, [lin.weight for lin in linears.values()], [masks[f"{n}.weight"] for n in linears],
+        weights, weight_masks = tunable(linears, masks)
+        tuned = tune_block(block, weights, weight_masks,
                            acts.batches, targets if tap is not None else local, acts.kwargs_for, plan.tune_epochs,
                            plan.tune_lr, device, block_out)
     if tap is not None:

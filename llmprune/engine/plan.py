@@ -37,6 +37,7 @@ class RunOptions:
     offload_activations: bool = False
     work_dir: str | None = None
     resume: bool = False
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Plan:
     tune_epochs: int = 0
     tune_lr: float = 3e-4
     owl: OwlPlan | None = None
+    expert_min_tokens: int = 16
     seed: int = 0
     run: RunOptions = field(default_factory=RunOptions)
 

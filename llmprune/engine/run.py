@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from ..errors import LLMPruneError
 from ..export.codecs import PackedMask
-from ..models import find_linears
 from ..patterns import Pattern
 from ..stages.owl import allocate, outlier_scan
+from ..targets import block_weight_counts, find_targets, untargeted, weight_key
 from .block import prune_block
 from .capture import Activations
 from .plan import Plan
@@ -42,6 +42,7 @@ class RunState:
     owl_scan: float = 0.0
     outlier_ratios: list[float | None] | None = None
     tune: list[list[float]] = field(default_factory=list)
+    block_weights: list[list[int]] = field(default_factory=list)  # [zeros, numel] of every block weight matrix
     elapsed: float = 0.0  # seconds spent before this process took over (resume)
 
 
@@ -54,15 +55,27 @@ class EngineResult:
 
 
 def check_shapes(blocks: nn.ModuleList, prefix: str, plan: Plan) -> int:
-    """Refuse pattern/shape mismatches before any work; returns the number of target Linears."""
+    """Refuse pattern/shape mismatches, and with ``--strict`` parameters nothing prunes, before any work;
+    warn once about what stays dense. Returns the number of targets."""
     n = 0
     for i, block in enumerate(blocks):
-        for name, lin in find_linears(block, f"{prefix}.{i}", plan.skip).items():
-            plan.pattern.check_shape(lin.weight.shape, name)
+        for name, t in find_targets(block, f"{prefix}.{i}", plan.skip).items():
+            plan.pattern.check_shape(t.weight.shape, name)
             n += 1
     if n == 0:
         raise LLMPruneError("no Linear layer left to prune (check --skip)")
+    if dense := not_pruned(blocks, prefix, plan):
+        names = ", ".join(f"{d['name']} ({d['share']:.0%}, {d['reason']})" for d in dense[:6])
+        more = f" and {len(dense) - 6} more" if len(dense) > 6 else ""
+        if plan.run.strict and any(d["reason"] != "skip" for d in dense):
+            raise LLMPruneError(f"--strict: {len(dense)} block parameter(s) of >= 1% would stay dense: {names}{more}")
+        log.warning("left dense (>= 1%% of a block each, listed in the run record as not_pruned): %s%s", names, more)
     return n
+
+
+def not_pruned(blocks: nn.ModuleList, prefix: str, plan: Plan) -> list[dict]:
+    """Every block parameter of >= 1 % of its block that stays dense (see :func:`llmprune.targets.untargeted`)."""
+    return [d for i, b in enumerate(blocks) for d in untargeted(b, f"{prefix}.{i}", plan.skip)]
 
 
 def model_identity(model: nn.Module, blocks: nn.ModuleList) -> dict[str, Any]:
@@ -79,7 +92,7 @@ def fingerprint(plan: Plan, model_id: dict[str, Any], calib: torch.Tensor) -> di
 
 
 def _weight_shapes(blocks: nn.ModuleList, prefix: str, i: int, skip: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    return {f"{n}.weight": tuple(lin.weight.shape) for n, lin in find_linears(blocks[i], f"{prefix}.{i}", skip).items()}
+    return {t.key: tuple(t.weight.shape) for t in find_targets(blocks[i], f"{prefix}.{i}", skip).values()}
 
 
 def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tensor, plan: Plan,
@@ -131,6 +144,7 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
         io.load(i, device)
         records, block_masks, tuned = prune_block(blocks[i], f"{prefix}.{i}", acts, plan, patterns[i], device)
         state.layers += [r.__dict__ for r in records]
+        state.block_weights.append(list(block_weight_counts(blocks[i])))
         if tuned is not None:
             state.tune.append(list(tuned))
         io.store(i, patterns[i], block_masks)
@@ -147,8 +161,10 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
     acts.targets = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return EngineResult(_record(state, plan, patterns, device, len(blocks), n_targets, t0, resumed_from),
-                        {f"{r['name']}.weight": patterns[_block_of(r['name'], prefix)] for r in state.layers}, masks, work)
+    record = _record(state, plan, patterns, device, len(blocks), n_targets, t0, resumed_from)
+    record["not_pruned"] = not_pruned(blocks, prefix, plan)
+    return EngineResult(record, {weight_key(r["name"]): patterns[_block_of(r["name"], prefix)] for r in state.layers},
+                        masks, work)
 
 
 def _block_of(name: str, prefix: str) -> int:
@@ -167,7 +183,16 @@ def _record(state: RunState, plan: Plan, patterns: list[Pattern], device: torch.
         "layers": layers,
         "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
         / sum(r["shape"][0] * r["shape"][1] for r in layers),
+        # over every weight matrix of the blocks, targets or not (routers, anything left dense)
+        "sparsity_block_weights": sum(z for z, _ in state.block_weights) / max(1, sum(n for _, n in state.block_weights)),
     }
+    experts = [r for r in layers if r["name"].endswith("]")]
+    if experts:  # what calibration reached the experts, and which fell back to magnitude
+        tokens = [r["tokens"] for r in experts]
+        record["experts"] = {"targets": len(experts), "tokens_min": min(tokens), "tokens_median": sorted(tokens)[len(tokens) // 2],
+                             "tokens_max": max(tokens), "no_tokens": sum(t == 0 for t in tokens),
+                             "magnitude_fallback": sum(r["method"] != plan.method for r in experts),
+                             "min_tokens": plan.expert_min_tokens}
     if state.tune:  # relative block-output error before and after tuning, per block
         record["tune"] = [{"before": b, "after": a} for b, a in state.tune]
     if state.outlier_ratios is not None:

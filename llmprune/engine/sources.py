@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..export import CheckpointWriter
-from ..models import DTYPES, find_linears
+from ..models import DTYPES
+from ..targets import find_targets, fused_experts
 from ..patterns import Pattern
 from ..shards import SafetensorsDir
 from .capture import Activations, capture_blocks, capture_inputs
@@ -138,7 +139,7 @@ class StreamBlocks:
         return {k: t.to(self.dtypes[k]) for k, t in self.src.load(names, device).items()}
 
     def _targets(self, i: int) -> set[str]:
-        return {f"{n}.weight" for n in find_linears(self.blocks[i], f"{self.prefix}.{i}", self.skip)}
+        return {t.key for t in find_targets(self.blocks[i], f"{self.prefix}.{i}", self.skip).values()}
 
     def capture(self, ids: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> Activations:
         # Everything outside the blocks but the output head (the largest of them, never run before block 0)
@@ -167,9 +168,14 @@ class StreamBlocks:
 
     def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
         targets = self._targets(i)
+        fused = fused_experts(self.blocks[i], f"{self.prefix}.{i}")
         for k, t in tensors.items():
             name = f"{self.prefix}.{i}.{k}"
-            self.writer.add(name, t, pattern if name in targets else None, masks.get(name))
+            if name in fused and f"{name}[0]" in targets:
+                n, transposed = fused[name]
+                self.writer.add_experts(name, t, pattern, [masks.get(f"{name}[{e}]") for e in range(n)], transposed)
+            else:
+                self.writer.add(name, t, pattern if name in targets else None, masks.get(name))
 
     def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
         self.restore(i, self.blocks[i].state_dict(), pattern, masks)

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from ..errors import LLMPruneError
 from ..patterns import Pattern
 from ..shards import SafetensorsDir
+from ..targets import split_expert
 from . import schema
 from .codecs import check, decode, mask_of, parts_of, prefix_of
 from .writer import crc32
@@ -33,7 +34,9 @@ class Checkpoint:
             self.config = AutoConfig.from_pretrained(self.path)
         except (OSError, ValueError, KeyError) as exc:
             raise LLMPruneError(f"{self.path / 'config.json'}: cannot be read: {exc}") from exc
-        self.fmt, self.targets = schema.declared(getattr(self.config, schema.CONFIG_KEY, None))
+        sc = getattr(self.config, schema.CONFIG_KEY, None)
+        self.fmt, self.targets = schema.declared(sc)
+        self.experts = schema.declared_experts(sc, self.targets)  # fused tensor -> (experts, transposed)
         index_path = self.path / schema.INDEX_NAME
         try:
             index = json.loads(index_path.read_text())
@@ -43,12 +46,17 @@ class Checkpoint:
             raise LLMPruneError(f"{index_path}: missing or malformed index ({exc})") from exc
         self.files = SafetensorsDir(self.path, strict=True)  # shards, headers and sizes checked here
         self.stored_bytes = self.files.nbytes
+        self._whole: dict[str, torch.Tensor] = {}  # the last dense-format experts tensor read
         self._check_targets()
 
     def _stored_names(self, name: str) -> list[str]:
-        """Stored tensor names holding parameter ``name``."""
+        """Stored tensor names holding parameter (or expert target) ``name``."""
         if name in self.targets and self.fmt == "compressed":
             return [f"{prefix_of(name)}.{s}" for s in parts_of(self.targets[name])]
+        if (split := split_expert(name)) is not None and split[0] in self.experts:
+            return [split[0]]  # the dense format keeps the 3-D tensor whole
+        if name in self.experts and self.fmt == "compressed":
+            return [s for e in range(self.experts[name][0]) for s in self._stored_names(f"{name}[{e}]")]
         return [name]
 
     def _check_targets(self) -> None:
@@ -60,7 +68,8 @@ class Checkpoint:
         """Parameter (state-dict) names in the checkpoint, in stored order."""
         parts = {s for name in self.targets for s in self._stored_names(name)}
         yield from (n for n in self.weight_map if n not in parts)
-        yield from self.targets
+        yield from (n for n in self.targets if split_expert(n) is None or split_expert(n)[0] not in self.experts)
+        yield from self.experts
 
     def tensor(self, stored: str) -> torch.Tensor:
         """One stored tensor, its checksum verified."""
@@ -81,13 +90,24 @@ class Checkpoint:
         return {s[len(prefix) + 1:]: self.tensor(s) for s in self._stored_names(name)}
 
     def weight(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` as a dense tensor; a pruned one is checked against its declared pattern."""
+        """Parameter ``name`` (or one expert, ``<tensor>[e]``, as ``[out, in]``) as a dense tensor; a pruned
+        one is checked against its declared pattern (a fused experts tensor: each of its experts)."""
+        if name in self.experts:
+            n, transposed = self.experts[name]
+            per_expert = [self.weight(f"{name}[{e}]") for e in range(n)]
+            return torch.stack([w.T if transposed else w for w in per_expert])
         pattern: Pattern | None = self.targets.get(name)
         if pattern is None:
             return self.tensor(name)
         if self.fmt == "compressed":
             return decode(self.parts(name), pattern, name)
-        weight = self.tensor(name)
+        if (split := split_expert(name)) is not None and split[0] in self.experts:
+            whole = self._whole.get(split[0])
+            if whole is None:  # read once for all its experts
+                self._whole = {split[0]: (whole := self.tensor(split[0]))}
+            weight = whole[split[1]].T if self.experts[split[0]][1] else whole[split[1]]
+        else:
+            weight = self.tensor(name)
         check(weight, pattern, name)
         return weight
 
@@ -100,5 +120,8 @@ class Checkpoint:
         return self.weight(name) != 0
 
     def stored_size(self, name: str) -> int:
-        """Bytes on disk of parameter ``name`` (all its parts, headers excluded)."""
+        """Bytes on disk of parameter ``name`` (all its parts, headers excluded; an expert of a dense-format
+        tensor: its share)."""
+        if (split := split_expert(name)) is not None and split[0] in self.experts and self.fmt != "compressed":
+            return self.stored_bytes[split[0]] // self.experts[split[0]][0]
         return sum(self.stored_bytes[s] for s in self._stored_names(name))

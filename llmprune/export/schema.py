@@ -29,8 +29,10 @@ def _entry(pattern: Pattern, fmt: str) -> dict[str, Any]:
     }
 
 
-def build(fmt: str, targets: dict[str, Pattern], global_sparsity: float, extra: dict[str, Any] | None) -> dict:
-    """The ``sparsity_config`` for ``targets`` (parameter name -> pattern).
+def build(fmt: str, targets: dict[str, Pattern], global_sparsity: float, extra: dict[str, Any] | None,
+          experts: dict[str, dict[str, Any]] | None = None) -> dict:
+    """The ``sparsity_config`` for ``targets`` (parameter name, or ``<tensor>[e]`` for an expert -> pattern);
+    ``experts`` describes each fused expert tensor (``num_experts``, ``transposed``: stored input-first).
 
     One shared pattern is described at the top level; differing patterns set ``pattern`` to ``"mixed"`` and
     list each target under ``layers``. Caller keys (``ignore``, method details, ...) are kept, but never
@@ -44,6 +46,8 @@ def build(fmt: str, targets: dict[str, Pattern], global_sparsity: float, extra: 
     else:
         computed.update(pattern="mixed" if targets else "none", sparsity=None, granularity=None, layout=None)
     computed.update(targets=list(targets), global_sparsity=global_sparsity)
+    if experts:
+        computed["experts"] = experts
     if shared is None and targets:
         computed["layers"] = {name: _entry(p, fmt) for name, p in targets.items()}
     return {"ignore": [], **(extra or {}), **computed}
@@ -58,6 +62,20 @@ def _pattern(entry: dict[str, Any], where: str, fmt: str) -> Pattern:
         raise LLMPruneError(f"config.json {CONFIG_KEY}: layout {entry.get('layout')!r} of {where} does not match "
                             f"pattern {pattern} in the {fmt} format")
     return pattern
+
+
+def declared_experts(sc: dict[str, Any], targets: dict[str, Pattern]) -> dict[str, tuple[int, bool]]:
+    """Fused expert tensors: state key -> (experts, transposed), each expert a target."""
+    out = {}
+    for name, meta in (sc.get("experts") or {}).items():
+        try:
+            n, transposed = int(meta["num_experts"]), bool(meta["transposed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LLMPruneError(f"config.json {CONFIG_KEY}: bad experts entry for {name}: {exc}") from exc
+        if missing := [e for e in range(n) if f"{name}[{e}]" not in targets]:
+            raise LLMPruneError(f"config.json {CONFIG_KEY}: expert {missing[0]} of {name} is not a target")
+        out[name] = (n, transposed)
+    return out
 
 
 def declared(sc: Any) -> tuple[str, dict[str, Pattern]]:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
+from ..targets import fused_experts, split_expert
 from . import schema
 from .card import model_card
 from .codecs import PackedMask, check, encode, prefix_of
@@ -57,6 +58,7 @@ class CheckpointWriter:
         self._crc: dict[str, str] = {}
         self._total_bytes = 0
         self._targets: dict[str, Pattern] = {}
+        self._experts: dict[str, dict[str, Any]] = {}
         self._zeros = self._numel = 0
 
     def __enter__(self) -> CheckpointWriter:
@@ -106,6 +108,33 @@ class CheckpointWriter:
         self._zeros += int((tensor == 0).sum())
         self._numel += tensor.numel()
 
+    def add_experts(self, name: str, tensor: torch.Tensor, pattern: Pattern, masks: list[torch.Tensor | PackedMask | None],
+                    transposed: bool) -> None:
+        """Store a fused 3-D experts tensor whose every expert is a target pruned to ``pattern``; ``masks[e]``
+        is expert ``e``'s mask as ``[out, in]`` (``transposed``: the tensor stores ``[E, in, out]``). The
+        compressed format stores each expert as its own compressed weight ``name[e]``; the dense format
+        keeps the tensor whole, each expert verified."""
+        self._live()
+        tensor = tensor.detach()
+        if tensor.dim() != 3 or len(masks) != tensor.shape[0]:
+            raise LLMPruneError(f"{name}: expected a 3-D experts tensor with one mask per expert, got "
+                                f"{tuple(tensor.shape)} and {len(masks)} masks")
+        for e, mask in enumerate(masks):
+            key, weight = f"{name}[{e}]", tensor[e].T if transposed else tensor[e]
+            if isinstance(mask, PackedMask):
+                mask = mask.unpack()
+            if self.fmt == "compressed":
+                for suffix, part in encode(weight, pattern, key, mask).items():
+                    self._put(f"{key}.{suffix}", part)
+            else:
+                check(weight, pattern, key)
+            self._targets[key] = pattern
+        if self.fmt != "compressed":
+            self._put(name, tensor)
+        self._experts[name] = {"num_experts": tensor.shape[0], "transposed": transposed}
+        self._zeros += int((tensor == 0).sum())
+        self._numel += tensor.numel()
+
     def _put(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._crc:
             raise LLMPruneError(f"{name} was added twice (or clashes with a compressed part of a pruned weight)")
@@ -147,7 +176,8 @@ class CheckpointWriter:
             (tmp / schema.INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             config = copy.deepcopy(config)
             sparsity = self._zeros / self._numel if self._numel else 0.0
-            setattr(config, schema.CONFIG_KEY, schema.build(self.fmt, self._targets, sparsity, sparsity_config))
+            setattr(config, schema.CONFIG_KEY, schema.build(self.fmt, self._targets, sparsity, sparsity_config,
+                                                            self._experts))
             config.save_pretrained(tmp)
             if generation_config is not None:
                 generation_config.save_pretrained(tmp)
@@ -226,8 +256,18 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLi
     """
     patterns, masks = dict(patterns or {}), dict(masks or {})
     state = model.state_dict()
-    if unknown := sorted((set(patterns) | set(masks)) - set(state)):
+    fused = fused_experts(model)
+    expert_patterns: dict[str, dict[int, Pattern]] = {}
+    for key in list(patterns):
+        if (split := split_expert(key)) is not None and split[0] in fused:
+            expert_patterns.setdefault(split[0], {})[split[1]] = patterns.pop(key)
+    known = set(state) | {f"{k}[{e}]" for k in expert_patterns for e in range(fused[k][0])}
+    if unknown := sorted((set(patterns) | set(masks) | {f"{k}[{e}]" for k, p in expert_patterns.items() for e in p}) - known):
         raise LLMPruneError(f"pattern or mask given for {unknown[0]}, which is not a parameter of the model")
+    for key, per_expert in expert_patterns.items():
+        if len(per_expert) != fused[key][0] or len(set(per_expert.values())) != 1:
+            raise LLMPruneError(f"{key}: its experts must all be pruned, to one pattern (got {len(per_expert)} of "
+                                f"{fused[key][0]}, {len(set(per_expert.values()))} pattern(s))")
     config = output_config(model)
     ignore = ignored_linears(model, patterns)
     seen: dict[tuple, str] = {}
@@ -239,6 +279,11 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLi
                     raise LLMPruneError(f"{name} is tied to {seen[key]}; prune {seen[key]} instead")
                 continue
             seen[key] = name
-            writer.add(name, tensor, patterns.get(name), masks.get(name))
+            if name in expert_patterns:
+                n, transposed = fused[name]
+                writer.add_experts(name, tensor, expert_patterns[name][0], [masks.get(f"{name}[{e}]") for e in range(n)],
+                                   transposed)
+            else:
+                writer.add(name, tensor, patterns.get(name), masks.get(name))
         generation = model.generation_config if getattr(model, "can_generate", lambda: False)() else None
         return writer.finish(config, tokenizer, {"ignore": ignore}, extra_files, generation)

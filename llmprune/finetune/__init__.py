@@ -68,6 +68,9 @@ def finetune(model: nn.Module, tokenizer: Any, config: FinetuneConfig, patterns:
     if config.needs_teacher and teacher is None:
         raise LLMPruneError("finetune: --kd / --squarehead need a dense teacher (--teacher MODEL)")
     params = dict(model.named_parameters())
+    if experts := sorted(n for n in patterns if n.endswith("]")):
+        raise LLMPruneError(f"finetune: fused expert weights ({experts[0]}, ...) cannot be fine-tuned yet; "
+                            "prune with --tune-epochs for block reconstruction instead")
     if unknown := sorted(set(patterns) - set(params)):
         raise LLMPruneError(f"finetune: {unknown[0]} is not a parameter of the model")
     device = resolve_device(config.device)

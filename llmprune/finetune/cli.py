@@ -38,8 +38,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict, dict | None, Any]:
     from transformers import AutoTokenizer
 
     from ..export import Checkpoint, load
-    from ..models import find_blocks, find_linears, load_model
+    from ..models import find_blocks, load_model
     from ..patterns import parse_pattern
+    from ..targets import find_targets
 
     path = Path(args.model).expanduser()
     if (path / "config.json").is_file() and "sparsity_config" in json.loads((path / "config.json").read_text()):
@@ -55,9 +56,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict, dict | None, Any]:
         pattern = parse_pattern(args.pattern, args.sparsity)
         model, tokenizer = load_model(args.model, args.dtype)
         prefix, blocks = find_blocks(model)
-        patterns = {f"{n}.weight": pattern for i, b in enumerate(blocks) for n in find_linears(b, f"{prefix}.{i}")}
-        for name in patterns:
-            pattern.check_shape(model.get_parameter(name).shape, name)
+        targets = [t for i, b in enumerate(blocks) for t in find_targets(b, f"{prefix}.{i}").values()]
+        for t in targets:
+            pattern.check_shape(t.weight.shape, t.name)
+        patterns = {t.key: pattern for t in targets}
         masks, teacher = None, None
         if args.kd or args.squarehead:
             teacher = copy.deepcopy(model) if not args.teacher else None

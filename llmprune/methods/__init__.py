@@ -19,4 +19,4 @@ METHODS: dict[str, Method] = {
     )
 }
 
-__all__ = ["METHODS", "STATISTICS", "LayerStats", "Method", "PruneResult", "dense_target", "paired_error", "reconstruction_error"]
+__all__ = ["METHODS", "STATISTICS", "LayerStats", "MagnitudeConfig", "Method", "PruneResult", "dense_target", "paired_error", "reconstruction_error"]

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LLMPruneError
-from ..models import find_linears
 from ..patterns import Pattern
+from ..targets import find_targets
 
 if TYPE_CHECKING:
     from ..engine.capture import Activations
@@ -48,7 +48,7 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
 @torch.no_grad()
 def outlier_scan(prefix: str, blocks: nn.ModuleList, io: Blocks, acts: Activations, skip: tuple[str, ...], m: float,
                  device: torch.device, quiet: bool = False) -> list[float | None]:
-    """OWL's outlier ratio of every dense block (``None`` for a block without target Linears).
+    """OWL's outlier ratio of every dense block (``None`` for a block without targets).
 
     One pass of the dense model over the calibration data, a block at a time, collecting only the
     ``input_sq`` statistics (the Wanda score's ‖x_j‖², O(d) per Linear). ``acts`` is left as it was.
@@ -61,14 +61,14 @@ def outlier_scan(prefix: str, blocks: nn.ModuleList, io: Blocks, acts: Activatio
     for i in tqdm(range(len(blocks)), desc="owl scan", disable=quiet, unit="block", leave=False):
         io.load(i, device)
         acts.block = i
-        linears = find_linears(blocks[i], f"{prefix}.{i}", skip)
-        collector = StatsCollector(linears, device, ("input_sq",))
+        targets = find_targets(blocks[i], f"{prefix}.{i}", skip)
+        collector = StatsCollector(targets, device, ("input_sq",))
         try:
             run_block(blocks[i], acts, device, replace=True, collector=collector)
         finally:
             collector.remove()
-        scores = [lin.weight.detach().abs().to(torch.float32) * collector.get(n).input_sq.sqrt()
-                  for n, lin in linears.items()]
+        scores = [t.weight.detach().abs().to(torch.float32) * collector.get(n).input_sq.sqrt()
+                  for n, t in targets.items() if collector.get(n).input_sq is not None]  # not: experts no token reached
         ratios.append(outlier_ratio(scores, m) if scores else None)
         io.unload(i)
     return ratios
