@@ -115,6 +115,11 @@ def stored_names(model: nn.Module) -> list[str]:
 def check_complete(model: nn.Module, src: SafetensorsDir) -> None:
     """Refuse, before any work, a checkpoint that lacks a tensor of the model or stores it in another shape."""
     expected = model.state_dict()
+    for name in fused_experts(model):  # first: it explains the renamed routers and norms too
+        if name not in src:
+            raise LLMPruneError(f"{name}: {src.path} stores its experts one by one (the hub's layout), and --stream "
+                                "reads only the fused layout transformers uses in memory (as llmprune saves it); "
+                                "prune without --stream, or stream from a checkpoint llmprune saved")
     for name in stored_names(model):
         if name not in src:
             raise LLMPruneError(f"{name}: missing from the checkpoint at {src.path}")

@@ -32,7 +32,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
                        dense_bytes=weight.numel() * weight.element_size())
         layers.append(row)
     for name in ckpt.params():
-        if name not in ckpt.targets:
+        if name not in ckpt.targets and name not in ckpt.experts:  # a fused tensor's experts are layers above
             try:
                 ckpt.tensor(name)
             except LLMPruneError as exc:
