@@ -166,7 +166,33 @@ def demo() -> str:
                   [[f"{d['ppl']['wikitext2']:.2f}", wall, phases, f"{d['peak_rss_gb']:.1f} GB", d["machine"], d["commit"]]])
 
 
-TABLES: dict[str, Callable[[], str]] = {"demo": demo, "finetune": finetune, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
+def moe() -> str:
+    """benchmarks/results/moe.json: one block's pruning time against the number of experts."""
+    path = RESULTS / "moe.json"
+    if not path.is_file():
+        return "_Not measured yet (`python benchmarks/moe.py`)._"
+    rows = _load("moe.json")["rows"]
+    body = [[str(r["experts"]), f"{r['tokens_min']} / {r['tokens_median']}", str(r["magnitude_fallback"]),
+             f"{r['one_by_one_block_s']:.2f}", f"{r['batched_block_s']:.2f}", f"{r['speedup']:.2f}×", r["device"],
+             r["commit"][:12]] for r in rows]
+    return _table(["experts", "tokens per expert (min / median)", "magnitude fallback (of 2E)", "one by one s",
+                   "batched s", "batched speed-up", "device", "commit"], body)
+
+
+def coverage() -> str:
+    """benchmarks/results/coverage.json: what is pruned per architecture (one block of a tiny config)."""
+    body = []
+    for r in _load("coverage.json")["rows"]:
+        if "refused" in r:
+            body.append([r["arch"], "refused: " + r["refused"].split(",")[0], "–", "–"])
+            continue
+        experts = f" + {r['experts']} expert matrices ({', '.join(r['expert_layout'])})" if r["experts"] else ""
+        body.append([r["arch"], f"{r['linears']} Linears{experts}", f"{r['share']:.1%}",
+                     ", ".join(n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in r["dense"]) or "–"])
+    return _table(["architecture", "pruned per block", "share of block weights", "kept dense"], body)
+
+
+TABLES: dict[str, Callable[[], str]] = {"coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size}
 # a block's body never spans another block's start, so an empty body cannot swallow the text after it

@@ -37,6 +37,9 @@ class PruneConfig:
                                "'*.mlp.down_proj') or fused expert tensors (all experts of '*.experts.down_proj')")
     expert_min_tokens: int = _opt(16, "an expert that the router sent fewer calibration tokens than this is "
                                       "pruned by magnitude (its statistics are too few to fit a weight update)")
+    batch_experts: str = _opt("auto", "solve the experts of a fused MoE tensor in one batched call (admm; same "
+                                      "result): auto = on CUDA, where it replaces E small solves; on CPU one by one "
+                                      "measured faster (benchmarks/moe.py)", choices=("auto", "on", "off"))
     strict: bool = _opt(False, "refuse to run when a block holds a parameter of >= 1%% of its size that is not "
                                "pruned (instead of listing it in a warning and the run record)")
     calib: str = _opt("wikitext2", "calibration data: wikitext2, c4, ptb or a path to a .txt file")
@@ -76,14 +79,15 @@ class PruneConfig:
     def plan(self) -> Plan:
         """Refuse impossible settings before any work starts; the validated plan the engine runs."""
         self._check()
+        device = resolve_device(self.device)
         return Plan(
             method=self.method, method_config=self.method_config(), pattern=self.resolved_pattern(),
             skip=tuple(self.skip), batch_size=self.batch_size, sequential=self.sequential,
             dense_targets=self.dense_targets, tune_epochs=self.tune_epochs, tune_lr=self.tune_lr,
             owl=OwlPlan(self.owl_lambda, self.owl_m) if self.allocation == "owl" else None,
             expert_min_tokens=self.expert_min_tokens, seed=self.seed,
-            run=RunOptions(resolve_device(self.device), self.offload_activations, self.work_dir, self.resume,
-                           self.strict),
+            run=RunOptions(device, self.offload_activations, self.work_dir, self.resume, self.strict,
+                           self.batch_experts == "on" or (self.batch_experts == "auto" and device.type == "cuda")),
         )
 
     def _check(self) -> None:
@@ -93,6 +97,8 @@ class PruneConfig:
         self.method_config()
         if self.nsamples < 1 or self.seqlen < 2:
             raise LLMPruneError(f"need nsamples >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        if self.batch_experts not in ("auto", "on", "off"):
+            raise LLMPruneError(f"unknown batch_experts {self.batch_experts!r}; choose auto, on or off")
         if self.expert_min_tokens < 0:
             raise LLMPruneError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         if self.batch_size < 1:

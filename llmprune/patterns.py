@@ -105,8 +105,11 @@ class Pattern:
         """Boolean mask keeping the highest ``scores`` under this pattern.
 
         ``sparsity`` below the pattern's own gives the relaxed mask used while ramping (see module doc).
+        ``scores [E, out, in]`` projects E layers (the experts of a fused tensor), each exactly as alone.
         """
         target = self.sparsity if sparsity is None else sparsity
+        if scores.dim() == 3:
+            return self._project_batch(scores, target)
         if not self.structured:
             return self._top(scores, self.keep_per_group(scores.shape, target))
         mask = self._top(scores, self.keep_per_group(scores.shape))
@@ -121,6 +124,22 @@ class Pattern:
             mask[idx] = True
             mask = mask.view_as(scores)
         return mask
+
+    def _project_batch(self, scores: torch.Tensor, target: float) -> torch.Tensor:
+        if not self.structured and self.granularity == "layer":
+            return torch.stack([self.project(s, target) for s in scores])
+        # Groups never cross a layer's rows (R divides out), so the stacked rows project as one matrix.
+        e, shape = scores.shape[0], scores.shape[1:]
+        flat = scores.reshape(-1, shape[-1])
+        if not self.structured:
+            return self._top(flat, self.keep_per_group(shape, target)).view_as(scores)
+        mask = self._top(flat, self.keep_per_group(shape)).view_as(scores)
+        extra = (shape.numel() - count(target, shape.numel())) - int(mask[0].sum())  # the same for every layer
+        if target >= self.sparsity - 1e-9 or extra <= 0:
+            return mask
+        rest = scores.float().masked_fill(mask, -math.inf).reshape(e, -1)
+        idx = torch.topk(rest, extra, dim=-1, sorted=False).indices
+        return mask.reshape(e, -1).clone().scatter_(-1, idx, True).view_as(scores)
 
     def _top(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """The ``keep`` highest scores of every group."""

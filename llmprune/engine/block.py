@@ -16,6 +16,7 @@ from ..patterns import Pattern
 from ..stages.tune import tune_block
 from ..targets import Target, find_targets
 from .capture import Activations, StopForward, block_out
+from .experts import batchable, merge_expert_groups, prune_batch
 from .plan import Plan
 from .statistics import DenseTap, ErrorMeter, StatsCollector
 
@@ -162,12 +163,18 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pa
     records: list[LayerRecord] = []
     masks: dict[str, torch.Tensor] = {}
     seen = set(collector.owner)  # targets that ran at all (an expert may get no token)
-    for k, group in enumerate(collector.groups()):
-        if (plan.sequential or tap is not None) and k > 0 and seen.issuperset(group):
-            collector, _ = _collect(block, {n: linears[n] for n in group}, acts, device, plan, tap, stop_early=True)
+    for k, group in enumerate(merge_expert_groups(collector.groups(), linears)):
+        ran = [n for n in group if n in seen]
+        if (plan.sequential or tap is not None) and k > 0 and ran:
+            collector, _ = _collect(block, {n: linears[n] for n in ran}, acts, device, plan, tap, stop_early=True)
+        done: dict[str, tuple[LayerRecord, torch.Tensor]] = {}
+        if batch := batchable(group, linears, collector.rows, plan):
+            for fields, mask in prune_batch(batch, linears, [collector.get(n) for n in batch], plan, pattern,
+                                            collector.rows):
+                done[fields["name"]] = (LayerRecord(**fields), mask)
         for n in group:
-            record, mask = prune_target(n, linears[n], collector.get(n), plan, pattern, *collector.paired(n),
-                                        tokens=collector.rows.get(n, 0))
+            record, mask = done.get(n) or prune_target(n, linears[n], collector.get(n), plan, pattern,
+                                                       *collector.paired(n), tokens=collector.rows.get(n, 0))
             records.append(record)
             masks[linears[n].key] = mask.to("cpu")
     del collector

@@ -38,6 +38,7 @@ class RunOptions:
     work_dir: str | None = None
     resume: bool = False
     strict: bool = False
+    batch_experts: bool = False  # solve a fused tensor's experts in one call (same result, other speed)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from .wanda import WandaConfig, wanda_prune
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("admm", ADMMConfig, admm_prune, help="ADMM weight update with gradual mask (Boža 2024)"),
+        Method("admm", ADMMConfig, admm_prune, batched=True, help="ADMM weight update with gradual mask (Boža 2024)"),
         Method(
             "sparsegpt", SparseGPTConfig, sparsegpt_prune, help="OBS column-block update (Frantar & Alistarh 2023)"
         ),

@@ -49,6 +49,7 @@ class Method:
     fn: Callable[..., PruneResult]
     stats: tuple[str, ...] = ("xtx",)  # the statistics (of STATISTICS) the engine must collect for it
     weight_update: bool = True  # such a method's config has ``percdamp`` (used by the engine's dense targets)
+    batched: bool = False  # fn also takes ``[E, out, in]`` weights with ``[E, in, in]`` statistics (experts at once)
     help: str = ""
 
     def default_config(self, **overrides: Any) -> Any:

@@ -6,10 +6,11 @@ import torch
 
 
 def damped(xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """``XᵀX + percdamp · mean(diag) · I`` (a copy), the usual guard against ill-conditioning."""
+    """``XᵀX + percdamp · mean(diag) · I`` (a copy), the usual guard against ill-conditioning (per matrix
+    of a batch ``[E, in, in]``)."""
     h = xtx.clone()
-    diag = torch.arange(h.shape[0], device=h.device)
-    h[diag, diag] += percdamp * torch.diag(h).mean().clamp_min(1e-8)
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag += percdamp * diag.mean(-1, keepdim=True).clamp_min(1e-8)
     return h
 
 
@@ -20,6 +21,7 @@ def spd_inverse(h: torch.Tensor, what: str) -> torch.Tensor:
     result. Raises ``FloatingPointError`` (``what`` names the matrix) when ``h`` is not positive definite.
     """
     factor, info = torch.linalg.cholesky_ex(h)
-    if int(info):
+    if bool(info.any()):
         raise FloatingPointError(f"{what} is not positive definite")
-    return torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), factor)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
+    return torch.cholesky_solve(eye, factor)

@@ -13,20 +13,21 @@ def masked_cg(
     ``target = W₀ H``. Rows are independent problems ``H_SS w_S = (W₀H)_S``; plain conjugate
     gradient runs on all of them at once (per-row step sizes), one ``[out, in] × [in, in]`` matmul
     an iteration. Callers work in the input-norm-normalised space, where this is Jacobi-preconditioned
-    CG. Each iteration lowers the objective, so any ``iters`` is safe.
+    CG. Each iteration lowers the objective, so any ``iters`` is safe. Leading batch dimensions
+    (``[E, out, in]`` with ``h [E, in, in]``) are independent problems.
     """
     w = w * mask
     r = (target - w @ h) * mask
     p = r
-    rr = (r * r).sum(1, keepdim=True)
+    rr = (r * r).sum(-1, keepdim=True)
     for _ in range(iters):
         hp = p @ h
-        curv = (p * hp).sum(1, keepdim=True)
+        curv = (p * hp).sum(-1, keepdim=True)
         # Converged rows (and rows with nothing kept) have p = 0: give them a zero step, not 0/0.
         alpha = torch.where(curv > 0, rr / curv.clamp_min(1e-30), 0.0)
         w = w + alpha * p
         r = r - alpha * hp * mask
-        rr_new = (r * r).sum(1, keepdim=True)
+        rr_new = (r * r).sum(-1, keepdim=True)
         p = r + torch.where(rr > 0, rr_new / rr.clamp_min(1e-30), 0.0) * p
         rr = rr_new
     return w

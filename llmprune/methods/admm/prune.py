@@ -9,6 +9,9 @@ ramp, so early iterations can still move weight mass before it is cut.
 Beyond the paper (each measured in benchmarks/NOTES_admm.md): ρ starts small and grows geometrically
 to its final value over the ramp, so early mask choices follow the unconstrained optimum more closely,
 and once the mask is frozen the kept weights are re-solved exactly by masked conjugate gradient.
+
+Batched: ``weight [E, out, in]`` with ``xtx [E, in, in]`` solves E independent layers (the experts of a
+fused MoE tensor) in one set of batched matmuls and Cholesky factorisations, each exactly as alone.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def rho_at(it: int, ramp_steps: int, config: ADMMConfig) -> float:
 
 def _ridge_inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
     shifted = h.clone()
-    shifted.diagonal().add_(rho)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(rho)
     return spd_inverse(shifted, f"admm: XᵀX + ρI (ρ={rho:g}; non-finite activations?)")
 
 
@@ -46,12 +49,12 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
     xtx = stats.xtx
     if xtx is None:
         raise ValueError("admm needs calibration statistics (XᵀX)")
-    pattern.check_shape(weight.shape)
+    pattern.check_shape(weight.shape[-2:])
     if pattern.sparsity == 0:
         return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
-    norm = torch.diag(xtx).clamp_min(0).sqrt() + 1e-8
-    h = damped(xtx / norm.unsqueeze(0) / norm.unsqueeze(1), config.percdamp)
-    w = weight * norm.unsqueeze(0)
+    norm = xtx.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt() + 1e-8
+    h = damped(xtx / norm.unsqueeze(-2) / norm.unsqueeze(-1), config.percdamp)
+    w = weight * norm.unsqueeze(-2)
     target = w @ h  # (W₀ H) is the right-hand side of every ridge solve
     # A ramp longer than the run would end with a mask short of the target sparsity.
     ramp = min(config.ramp_steps, config.iters)
@@ -73,7 +76,7 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
     z = (w + u) * mask
     if config.final_cg_iters:
         z = masked_cg(z, target, h, mask, config.final_cg_iters)
-    out = z / norm.unsqueeze(0)
+    out = z / norm.unsqueeze(-2)
     if not torch.isfinite(out).all():
         raise FloatingPointError("admm produced non-finite weights (non-finite weights or activations?)")
     return PruneResult(out, mask)
