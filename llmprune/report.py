@@ -86,7 +86,16 @@ def summary(record: dict[str, Any]) -> str:
     """The table printed at the end of a CLI run."""
     cfg, prune = record["config"], record.get("prune", {})
     rows = [["method", cfg["method"]], ["pattern", cfg["pattern"]], ["sparsity (measured)", prune.get("sparsity", 0.0)],
-            ["target Linears pruned", prune.get("targets", 0)]]
+            ["targets pruned", prune.get("targets", 0)]]
+    if "sparsity_block_weights" in prune:
+        rows.append(["sparsity over all block weights", prune["sparsity_block_weights"]])
+    if experts := prune.get("experts"):
+        rows += [["expert matrices pruned", experts["targets"]],
+                 ["tokens per expert (min / median / max)",
+                  f"{experts['tokens_min']} / {experts['tokens_median']} / {experts['tokens_max']}"],
+                 [f"experts by magnitude (< {experts['min_tokens']} tokens)", experts["magnitude_fallback"]]]
+    if dense := prune.get("not_pruned"):
+        rows.append(["left dense (>= 1% of a block)", f"{len(dense)}: {dense[0]['name']}" + (", ..." if len(dense) > 1 else "")])
     if cfg.get("skip"):
         rows.append(["skipped (--skip)", ", ".join(cfg["skip"])])
     for name, ppl in record.get("ppl", {}).get("dense", {}).items():

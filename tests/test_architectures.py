@@ -173,3 +173,38 @@ def test_batched_experts_equal_one_by_one(extra):
     rb = llmprune.prune(b, None, _config(batch_experts="off", **extra), calib=CALIB, quiet=True).record
     assert [k for (k, pa), pb in zip(a.named_parameters(), b.parameters()) if not torch.equal(pa, pb)] == []
     assert [r["recon_error"] for r in ra["layers"]] == pytest.approx([r["recon_error"] for r in rb["layers"]], rel=1e-5)
+
+
+def test_moe_run_resumes_bit_identical(tmp_path, monkeypatch):
+    from llmprune.engine import InPlaceBlocks
+
+    work = str(tmp_path / "work")
+    real = InPlaceBlocks.release
+
+    def release(self, i):  # dies right after block 0 is committed
+        real(self, i)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(InPlaceBlocks, "release", release)
+        with pytest.raises(KeyboardInterrupt):
+            llmprune.prune(_model("gpt_oss"), None, _config(work_dir=work), calib=CALIB, quiet=True)
+    resumed, ref = _model("gpt_oss"), _model("gpt_oss")
+    result = llmprune.prune(resumed, None, _config(work_dir=work, resume=True), calib=CALIB, quiet=True)
+    want = llmprune.prune(ref, None, _config(), calib=CALIB, quiet=True)
+    assert result.record["resumed_from"] == 1
+    assert result.masks.keys() == want.masks.keys()
+    assert all(torch.equal(result.masks[k].unpack(), want.masks[k].unpack()) for k in want.masks)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
+
+
+def test_kernel_packer_takes_each_expert_as_a_matrix():
+    from llmprune.kernels.formats import layout_for, pack, unpack
+
+    model = _model("mixtral")
+    result = llmprune.prune(model, None, _config(pattern="4x4:8"), calib=CALIB, quiet=True)
+    prefix, blocks = find_blocks(model)
+    for name, t in find_targets(blocks[0], f"{prefix}.0").items():
+        if t.expert is not None:
+            packed = pack(t.weight.detach().contiguous(), layout_for(result.patterns[t.key]), result.masks[t.key].unpack())
+            assert torch.equal(unpack(packed), t.weight), name

@@ -93,7 +93,7 @@ def test_full_run_writes_record_and_checkpoint(capsys, tmp_path, tiny_model_dir,
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # readable by a server running as another user
     assert (report.stat().st_mode & 0o777) == 0o666 & ~umask
-    assert "| target Linears pruned | 14 |" in stdout
+    assert "| targets pruned | 14 |" in stdout
     card = (out / "README.md").read_text()  # the model card, with this run's evaluation
     assert card.startswith("---\nlibrary_name: transformers\n") and "- 2:4" in card
     assert "with `admm`, calibrated on 4 windows of 16 tokens" in card
