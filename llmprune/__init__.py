@@ -7,6 +7,7 @@ from .config import PruneConfig  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
 from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from .models import load_model  # noqa: E402
+from .tasks import zero_shot  # noqa: E402
 
 
 def load(path: str, **kwargs):  # noqa: ANN201
@@ -16,4 +17,4 @@ def load(path: str, **kwargs):  # noqa: ANN201
     return _load(path, **kwargs)
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "PruneConfig", "PruneResult", "LLMPruneError", "finetune", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "__version__"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "PruneConfig", "PruneResult", "LLMPruneError", "finetune", "evaluate", "load", "load_model", "prune", "prune_checkpoint", "zero_shot", "__version__"]

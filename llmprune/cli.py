@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-windows", type=int, default=None, help="cap the number of evaluation windows")
     ev.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward pass")
     ev.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
+    ev.add_argument("--eval-tasks", default=None, metavar="T1,T2",
+                    help="zero-shot accuracy through lm-evaluation-harness, e.g. "
+                         "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+    ev.add_argument("--eval-tasks-limit", type=int, default=None, help="cap the documents per task")
+    ev.add_argument("--eval-tasks-batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--eval-tasks-include", default=None, metavar="DIR", help="a folder of local lm-eval task YAMLs")
     for name, method in METHODS.items():
         _add_dataclass_args(p.add_argument_group(f"{name} options"), method.config_cls, prefix=f"{name}_", suppress=True)
     from .finetune.config import FinetuneConfig
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """
     from .api import evaluate, prune, prune_checkpoint
     from .models import default_model, load_model
+    from .tasks import load_tasks, zero_shot
     from .report import environment, write_json_atomic
 
     from . import checks
@@ -100,12 +107,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         record["prune"] = result.record
         publish()
         return record
+    tasks = timed("load_tasks", load_tasks, args.eval_tasks.split(","), args.eval_tasks_include) \
+        if args.eval_tasks else None  # before the model: a bad name or unreachable data fails at once
     model, tokenizer = timed("load", load_model, source, args.dtype, args.quiet)
     checks.after_loading(model, tokenizer, config, args.eval_seqlen if args.eval else None)
     eval_kw = dict(seqlen=args.eval_seqlen, windows=args.eval_windows, device=config.device, data_dir=config.data_dir,
                    batch_size=args.eval_batch_size, quiet=args.quiet)
+    task_kw = dict(batch_size=args.eval_tasks_batch_size, limit=args.eval_tasks_limit, device=config.device,
+                   seed=config.seed, quiet=args.quiet)
     if args.eval and args.eval_dense:
         record["ppl"]["dense"] = timed("eval_dense", evaluate, model, tokenizer, args.eval, **eval_kw)
+    if tasks and args.eval_dense:
+        record["zero_shot"] = {"dense": timed("tasks_dense", zero_shot, model, tokenizer, tasks, **task_kw)}
     teacher = copy.deepcopy(model) if ft is not None and ft.needs_teacher else None  # the dense weights
     result = timed("prune", prune, model, tokenizer, config, quiet=args.quiet, plan=plan)
     record["prune"] = result.record
@@ -121,9 +134,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         timed("save", output.save, args.save, args.format, overwrite=True,
               extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)},
               **({"keep_work_dir": True} if output is result else {}))
-    if args.eval:
+    if args.eval or tasks:
         try:
-            record["ppl"]["pruned"] = timed("eval", evaluate, model, tokenizer, args.eval, **eval_kw)
+            if args.eval:
+                record["ppl"]["pruned"] = timed("eval", evaluate, model, tokenizer, args.eval, **eval_kw)
+            if tasks:
+                record.setdefault("zero_shot", {})["pruned"] = timed("tasks", zero_shot, model, tokenizer, tasks,
+                                                                     **task_kw)
         except (LLMPruneError, KeyboardInterrupt) as e:
             record["eval_error"] = str(e) or type(e).__name__
             publish()  # the saved model stays, with a record that says the evaluation failed
@@ -140,7 +157,7 @@ def _check_streamed(args: argparse.Namespace) -> None:
         raise LLMPruneError("--stream needs --model DIR (a safetensors checkpoint directory)")
     if not args.save:
         raise LLMPruneError("--stream needs --save DIR: the pruned blocks are written out as they are done")
-    if args.eval:
+    if args.eval or args.eval_tasks:
         raise LLMPruneError("--stream does not evaluate (the model is never whole in memory); "
                             "evaluate the saved checkpoint with llmprune.load + llmprune.evaluate")
 

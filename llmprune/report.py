@@ -102,6 +102,9 @@ def summary(record: dict[str, Any]) -> str:
         rows.append([f"ppl {name} dense", ppl])
     for name, ppl in record.get("ppl", {}).get("pruned", {}).items():
         rows.append([f"ppl {name} pruned", ppl])
+    for phase, results in record.get("zero_shot", {}).items():
+        for task, metrics in results.items():
+            rows.append([f"zero-shot {task} {phase} (acc_norm or acc)", metrics.get("acc_norm", metrics.get("acc"))])
     errs = [layer["recon_error"] for layer in prune.get("layers", [])]
     if errs:
         rows.append(["mean layer recon error", sum(errs) / len(errs)])

@@ -45,6 +45,15 @@ def model_card(fmt: str, targets: dict[str, Pattern], sparsity: float, record: d
         dense = ppl.get("dense", {})
         lines += [f"| {name} | {dense[name]:.4g} | {value:.4g} |" if name in dense else f"| {name} | – | {value:.4g} |"
                   for name, value in ppl["pruned"].items()]
+    zs = record.get("zero_shot", {})
+    if zs.get("pruned"):
+        lines += ["", "| zero-shot (lm-eval, acc_norm or acc) | dense | pruned | documents |", "|---|---|---|---|"]
+        dense = zs.get("dense", {})
+
+        def acc(m: dict[str, float] | None) -> str:
+            return "–" if m is None else f"{m.get('acc_norm', m.get('acc')):.4f}"
+
+        lines += [f"| {name} | {acc(dense.get(name))} | {acc(m)} | {m.get('docs')} |" for name, m in zs["pruned"].items()]
     if record.get("eval_error"):
         lines += ["", f"The evaluation failed: {record['eval_error']}"]
     lines += ["", "## Loading", "", "```python", "import llmprune", "model = llmprune.load(\"PATH\")  # bit-exact weights",
