@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .api import PruneResult, evaluate, prune, prune_checkpoint  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import LLMPruneError  # noqa: E402
+from .export import hf as _hf  # noqa: E402,F401  (registers quant_method "llmprune" with transformers)
 from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from .models import load_model  # noqa: E402
 from .tasks import zero_shot  # noqa: E402

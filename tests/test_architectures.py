@@ -89,6 +89,11 @@ def test_architecture(arch, tmp_path):
     result.save(tmp_path / "c", "compressed")
     assert torch.equal(_logits(llmprune.load(tmp_path / "c")), pruned)
     assert inspect(tmp_path / "c")["ok"]
+    if arch in EXPERTS:  # plain from_pretrained decodes compressed Linears, not compressed experts: it says so
+        with pytest.raises(LLMPruneError, match="compressed fused MoE experts"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    else:
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "c")), pruned)
 
     result.save(tmp_path / "d", "dense")  # plain transformers reads the dense format, experts included
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "d")), pruned)

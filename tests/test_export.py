@@ -232,6 +232,36 @@ def test_load_casts_dtype_and_dense_format_loads_with_transformers(tmp_path: Pat
     assert torch.equal(plain(TOKENS).logits, ours(TOKENS).logits)
 
 
+@pytest.mark.parametrize("tied,mixed", [(False, False), (True, True)])
+def test_plain_from_pretrained_decodes_the_compressed_format(tmp_path: Path, tied: bool, mixed: bool) -> None:
+    """With llmprune imported, transformers' own loader decodes the compressed weights (quant_method llmprune)."""
+    model, patterns = tiny_llama(tied=tied, mixed=mixed)
+    out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "llmprune"
+    want = load(out)(TOKENS).logits
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(plain(TOKENS).logits, want)
+    assert getattr(plain.config, "quantization_config", None) is None  # an ordinary dense model now
+    half = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map="cpu")
+    assert half.dtype == torch.float16
+    assert all(torch.equal(half.get_parameter(n), model.get_parameter(n).half()) for n in patterns)
+    plain.save_pretrained(tmp_path / "again")  # and it saves and reloads like any transformers model
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(TOKENS).logits, want)
+
+
+def test_from_pretrained_without_llmprune_names_it(tmp_path: Path) -> None:
+    """transformers (5.24) skips an unknown quantization method with a warning rather than failing: the
+    warning at least names llmprune (FORMAT.md says what follows: random pruned weights)."""
+    import subprocess
+    import sys
+
+    model, patterns = tiny_llama(tied=False, mixed=False)
+    out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "Unknown quantization type, got llmprune" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_kernels_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     model, patterns = tiny_llama(tied=False, mixed=False)
     out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)

@@ -91,7 +91,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         raise LLMPruneError("choose either compressed_modules or kernels, not both")
     sparse_linear = _sparse_linear(device) if kernels else None
     ckpt = Checkpoint(path)
-    model = _skeleton(ckpt.config)
+    config = ckpt.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the model comes out dense (or with llmprune's own sparse modules)
+    model = _skeleton(config)
     expected = model.state_dict()
     state = {}
     for name in ckpt.params():

@@ -22,6 +22,7 @@ from ..patterns import Pattern
 from ..targets import fused_experts, split_expert
 from . import schema
 from .card import model_card
+from .hf import QUANT_METHOD, quantization_entry
 from .codecs import PackedMask, check, encode, prefix_of
 
 _RESERVED = ("config.json", "generation_config.json", schema.INDEX_NAME)
@@ -178,6 +179,8 @@ class CheckpointWriter:
             sparsity = self._zeros / self._numel if self._numel else 0.0
             setattr(config, schema.CONFIG_KEY, schema.build(self.fmt, self._targets, sparsity, sparsity_config,
                                                             self._experts))
+            if self.fmt == "compressed" and self._targets:  # plain from_pretrained decodes it, or fails loudly
+                config.quantization_config = quantization_entry()
             config.save_pretrained(tmp)
             if generation_config is not None:
                 generation_config.save_pretrained(tmp)
@@ -226,13 +229,14 @@ class CheckpointWriter:
 
 def output_config(model: torch.nn.Module) -> Any:
     """The config a checkpoint of ``model`` is saved with: it says what the saved weights are, so quantization
-    metadata inherited from loading (a GGUF file's ``quant_method: gguf``; the weights were dequantized) is
-    dropped, or transformers, Trainer, llm-compressor and vLLM treat the plain weights as quantized."""
+    metadata inherited from loading (a GGUF file's ``quant_method: gguf``, the weights dequantized; an
+    llmprune checkpoint's own, which the writer sets again for the compressed format) is dropped, or
+    transformers, Trainer, llm-compressor and vLLM treat the plain weights as quantized."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     quant = getattr(config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() == "gguf":
+    if str(getattr(method, "value", method)).lower() in ("gguf", QUANT_METHOD):
         del config.quantization_config
     config.dtype = next(iter(model.state_dict().values())).dtype if model.dtype is None else model.dtype
     return config

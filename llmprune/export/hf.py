@@ -1,0 +1,99 @@
+"""Plain ``AutoModelForCausalLM.from_pretrained(dir)`` on a compressed checkpoint, once ``import llmprune``
+has run: the checkpoint's ``quantization_config`` names ``quant_method: llmprune``, registered here with
+transformers' quantizer registry, and each pruned weight's stored parts (``<module>.compressed``,
+``.bitmask``, ``.shape``, ``.row_offsets``) are decoded into the dense weight while transformers loads
+(``dtype``, ``device_map`` and the low-memory meta-device loading work as for any checkpoint).
+
+Without llmprune, transformers refuses the unknown quantization method instead of initialising the pruned
+weights randomly. Compressed fused MoE experts are refused here too: ``llmprune.load`` reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..errors import LLMPruneError
+from . import schema
+from .codecs import PARTS, decode
+
+QUANT_METHOD = "llmprune"
+
+
+def quantization_entry() -> dict[str, Any]:
+    """What a compressed checkpoint's config.json says under ``quantization_config``."""
+    return {"quant_method": QUANT_METHOD, "format": "compressed", "format_version": schema.FORMAT_VERSION}
+
+
+@register_quantization_config(QUANT_METHOD)
+class LLMPruneQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an llmprune compressed checkpoint (the patterns live in ``sparsity_config``)."""
+
+    def __init__(self, format: str = "compressed", format_version: int = schema.FORMAT_VERSION, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format, self.format_version = format, format_version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format": self.format, "format_version": self.format_version}
+
+
+class Decompress(ConversionOps):
+    """One pruned weight's stored parts -> its dense weight, verified against the declared pattern."""
+
+    def __init__(self, quantizer: LLMPruneQuantizer) -> None:
+        self.quantizer = quantizer
+
+    def convert(self, input_dict: dict[str, Any], model: torch.nn.Module | None = None,
+                full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        parts = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
+        pattern = self.quantizer.targets(model).get(full_layer_name)
+        if pattern is None:
+            raise LLMPruneError(f"{full_layer_name}: stored as compressed parts but not a declared target")
+        return {"weight": decode(parts, pattern, full_layer_name)}
+
+
+@register_quantizer(QUANT_METHOD)
+class LLMPruneQuantizer(HfQuantizer):
+    """Decodes llmprune's compressed weights while transformers loads; the model comes out dense."""
+
+    requires_calibration = False
+    serialized_names = {"weight": list(PARTS)}
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._targets: dict | None = None
+
+    def targets(self, model: torch.nn.Module) -> dict:
+        if self._targets is None:
+            sc = getattr(model.config, schema.CONFIG_KEY, None)
+            _, self._targets = schema.declared(sc)
+            if schema.declared_experts(sc, self._targets):
+                raise LLMPruneError("this checkpoint holds compressed fused MoE experts, which plain from_pretrained "
+                                    "cannot load: use llmprune.load(path), or save with --format dense")
+        return self._targets
+
+    def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        self.targets(model)  # refuse what cannot load before reading any weight
+
+    def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        # The weights are plain dense tensors now: the model is an ordinary one (trainable, savable, and saved
+        # dense, so the decoding is not something to reverse).
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model._weight_conversions = [c for c in getattr(model, "_weight_conversions", [])
+                                     if not any(isinstance(op, Decompress) for op in getattr(c, "operations", []))]
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": Decompress}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
