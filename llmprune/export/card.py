@@ -63,8 +63,9 @@ def model_card(fmt: str, targets: dict[str, Pattern], sparsity: float, record: d
                   "`AutoModelForCausalLM.from_pretrained(\"PATH\")` and vLLM read it as is.", ""]
     else:
         lines += ["The compressed format stores only the kept weights and their positions "
-                  "(`llmprune/export/FORMAT.md`); load it with llmprune, or save it with `--format dense` for "
-                  "tools that read plain transformers checkpoints (vLLM, llm-compressor).", ""]
+                  "(`llmprune/export/FORMAT.md`). After `import llmprune`, plain "
+                  "`AutoModelForCausalLM.from_pretrained(\"PATH\")` decodes it too (a dense model); for tools "
+                  "without llmprune (vLLM, llm-compressor) save with `--format dense`.", ""]
     return "\n".join(lines)
 
 
