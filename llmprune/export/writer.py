@@ -97,17 +97,22 @@ class CheckpointWriter:
         if pattern is None:
             self._put(name, tensor)
             return
+        self._pruned(name, tensor, pattern, mask)
+        if self.fmt != "compressed":
+            self._put(name, tensor)
+        self._zeros += int((tensor == 0).sum())
+        self._numel += tensor.numel()
+
+    def _pruned(self, name: str, weight: torch.Tensor, pattern: Pattern, mask: torch.Tensor | PackedMask | None) -> None:
+        """Verify one pruned ``[out, in]`` weight; the compressed format stores its parts."""
         if isinstance(mask, PackedMask):
             mask = mask.unpack()
         if self.fmt == "compressed":
-            for suffix, part in encode(tensor, pattern, name, mask).items():
+            for suffix, part in encode(weight, pattern, name, mask).items():
                 self._put(f"{prefix_of(name)}.{suffix}", part)
         else:
-            check(tensor, pattern, name)  # the dense format still refuses a weight that breaks its pattern
-            self._put(name, tensor)
+            check(weight, pattern, name)  # the dense format still refuses a weight that breaks its pattern
         self._targets[name] = pattern
-        self._zeros += int((tensor == 0).sum())
-        self._numel += tensor.numel()
 
     def add_experts(self, name: str, tensor: torch.Tensor, pattern: Pattern, masks: list[torch.Tensor | PackedMask | None],
                     transposed: bool) -> None:
@@ -121,15 +126,7 @@ class CheckpointWriter:
             raise LLMPruneError(f"{name}: expected a 3-D experts tensor with one mask per expert, got "
                                 f"{tuple(tensor.shape)} and {len(masks)} masks")
         for e, mask in enumerate(masks):
-            key, weight = f"{name}[{e}]", tensor[e].T if transposed else tensor[e]
-            if isinstance(mask, PackedMask):
-                mask = mask.unpack()
-            if self.fmt == "compressed":
-                for suffix, part in encode(weight, pattern, key, mask).items():
-                    self._put(f"{key}.{suffix}", part)
-            else:
-                check(weight, pattern, key)
-            self._targets[key] = pattern
+            self._pruned(f"{name}[{e}]", tensor[e].T if transposed else tensor[e], pattern, mask)
         if self.fmt != "compressed":
             self._put(name, tensor)
         self._experts[name] = {"num_experts": tensor.shape[0], "transposed": transposed}
