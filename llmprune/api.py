@@ -123,7 +123,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, con
     from transformers import GenerationConfig
 
     from .export import CheckpointWriter
-    from .export.writer import ignored_linears, output_config
+    from .export.save import ignored_linears, output_config
 
     t0 = time.perf_counter()
     plan = plan or config.plan()

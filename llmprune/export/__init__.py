@@ -4,7 +4,8 @@ from .codecs import decode, encode, layout_of
 from .inspection import inspect, inspect_main
 from .loader import CompressedLinear, load
 from .reader import Checkpoint
-from .writer import CheckpointWriter, save_pruned
+from .save import save_pruned
+from .writer import CheckpointWriter
 
 __all__ = [
     "Checkpoint",
