@@ -130,14 +130,14 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, con
     src_path = Path(src_dir).expanduser()
     src = SafetensorsDir(src_path)
     model = skeleton(src_path, src, dtype)
-    check_complete(model, src)
+    source = check_complete(model, src)  # hub-layout experts are fused on the fly
     prefix, blocks = find_blocks(model)
     n_targets = check_shapes(blocks, prefix, plan)
     tokenizer = tokenizer if tokenizer is not None else _tokenizer(src_path)
     with CheckpointWriter(out_dir, fmt, overwrite, max_shard_bytes) as writer:  # refuses an existing out_dir
         calib = _calibration(config, tokenizer, calib, str(src_path))
         t_prepare = time.perf_counter() - t0
-        io = StreamBlocks(model, prefix, blocks, src, writer, plan.skip)
+        io = StreamBlocks(model, prefix, blocks, source, writer, plan.skip)
         out = run_blocks(prefix, blocks, io, calib, plan, model_identity(model, blocks), quiet, n_targets)
         t1 = time.perf_counter()
         io.copy_outside()

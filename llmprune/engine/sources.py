@@ -21,6 +21,7 @@ from ..errors import LLMPruneError
 from ..export import CheckpointWriter
 from ..models import DTYPES
 from ..targets import find_targets, fused_experts
+from .convert import ConvertedSource
 from ..patterns import Pattern
 from ..shards import SafetensorsDir
 from .capture import Activations, capture_blocks, capture_inputs
@@ -112,26 +113,25 @@ def stored_names(model: nn.Module) -> list[str]:
     return names
 
 
-def check_complete(model: nn.Module, src: SafetensorsDir) -> None:
-    """Refuse, before any work, a checkpoint that lacks a tensor of the model or stores it in another shape."""
+def check_complete(model: nn.Module, src: SafetensorsDir) -> ConvertedSource:
+    """Refuse, before any work, a checkpoint that lacks a tensor of the model or stores it in another shape;
+    returns the checkpoint seen through transformers' conversion mapping (hub-layout experts fused)."""
     expected = model.state_dict()
-    for name in fused_experts(model):  # first: it explains the renamed routers and norms too
-        if name not in src:
-            raise LLMPruneError(f"{name}: {src.path} stores its experts one by one (the hub's layout), and --stream "
-                                "reads only the fused layout transformers uses in memory (as llmprune saves it); "
-                                "prune without --stream, or stream from a checkpoint llmprune saved")
+    source = ConvertedSource(model, src)
     for name in stored_names(model):
-        if name not in src:
+        if name not in source:
             raise LLMPruneError(f"{name}: missing from the checkpoint at {src.path}")
-        if src.shapes[name] != tuple(expected[name].shape):
-            raise LLMPruneError(f"{name}: stored with shape {src.shapes[name]}, but config.json implies "
+        shape = source.shape(name)
+        if shape is not None and shape != tuple(expected[name].shape):
+            raise LLMPruneError(f"{name}: stored with shape {shape}, but config.json implies "
                                 f"{tuple(expected[name].shape)}")
+    return source
 
 
 class StreamBlocks:
     """Blocks read from ``src`` on demand and written to ``writer`` once pruned (engine ``Blocks``)."""
 
-    def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, src: SafetensorsDir,
+    def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, src: ConvertedSource,
                  writer: CheckpointWriter | None, skip: list[str] | tuple[str, ...]) -> None:
         self.model, self.prefix, self.blocks, self.src, self.writer = model, prefix, blocks, src, writer
         self.skip = skip
