@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LLMPruneError
+from .patterns import Pattern
 
 Watcher = Callable[[str, torch.Tensor], None]  # (target name, its input rows)
 
@@ -218,3 +219,63 @@ def watch(targets: dict[str, Target], fn: Watcher) -> Callable[[], None]:
                 del mod.forward, mod._llmprune_watchers, mod._llmprune_names
 
     return remove
+
+
+# ---- a fused tensor's experts as one parameter (fine-tuning addresses parameters) ----------------------
+
+@dataclass(frozen=True)
+class ExpertsPattern:
+    """``pattern`` on every expert of a fused tensor, as stored: ``[E, out, in]``, or ``[E, in, out]`` when
+    ``transposed``. Quacks like a Pattern for the trainer (``project``, ``violations``)."""
+
+    pattern: Pattern
+    transposed: bool
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(-1, -2) if self.transposed else t
+
+    def project(self, scores: torch.Tensor, sparsity: float | None = None) -> torch.Tensor:
+        return self._own(self.pattern.project(self._own(scores), sparsity))
+
+    def violations(self, weight: torch.Tensor) -> int:
+        return sum(self.pattern.violations(w) for w in self._own(weight))
+
+    def __str__(self) -> str:
+        return str(self.pattern)
+
+
+def by_parameter(patterns: dict[str, Pattern], masks: dict[str, torch.Tensor] | None,
+                 fused: dict[str, tuple[int, bool]]) -> tuple[dict, dict | None]:
+    """Patterns and masks keyed by parameter: a fused tensor's experts (``<t>[e]``) become one entry,
+    an :class:`ExpertsPattern` and the stacked masks in the tensor's own layout."""
+    out_p: dict = {}
+    out_m: dict | None = None if masks is None else {}
+    for key, pattern in patterns.items():
+        split = split_expert(key)
+        if split is None or split[0] not in fused:
+            out_p[key] = pattern
+            if masks is not None:
+                out_m[key] = masks[key]
+            continue
+        name, e = split
+        n, transposed = fused[name]
+        if e == 0:
+            if any(patterns.get(expert_key(name, i)) != pattern for i in range(n)):
+                raise LLMPruneError(f"{name}: every expert must be a target, with one pattern")
+            out_p[name] = ExpertsPattern(pattern, transposed)
+            if masks is not None:
+                out_m[name] = torch.stack([masks[expert_key(name, i)] for i in range(n)])
+                out_m[name] = out_m[name].transpose(-1, -2) if transposed else out_m[name]
+    return out_p, out_m
+
+
+def by_expert(masks: dict[str, torch.Tensor], fused: dict[str, tuple[int, bool]]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`by_parameter` for masks: a fused tensor's mask back to one ``[out, in]`` per expert."""
+    out = {}
+    for key, mask in masks.items():
+        if key not in fused:
+            out[key] = mask
+            continue
+        own = mask.transpose(-1, -2) if fused[key][1] else mask
+        out.update({expert_key(key, e): own[e].contiguous() for e in range(own.shape[0])})
+    return out

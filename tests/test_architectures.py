@@ -211,3 +211,24 @@ def test_kernel_packer_takes_each_expert_as_a_matrix():
         if t.expert is not None:
             packed = pack(t.weight.detach().contiguous(), layout_for(result.patterns[t.key]), result.masks[t.key].unpack())
             assert torch.equal(unpack(packed), t.weight), name
+
+
+@pytest.mark.parametrize("arch,mode", [("gpt_oss", "masked"), ("qwen3_moe", "admm"), ("mixtral", "sr-ste")])
+def test_fine_tuning_keeps_every_expert_on_its_pattern(arch, mode, tmp_path):
+    model = _model(arch)
+    pruned = llmprune.prune(model, None, _config(), calib=CALIB, quiet=True)
+    windows = torch.randint(0, 96, (24, 32), generator=torch.Generator().manual_seed(1))
+    cfg = llmprune.FinetuneConfig(mode=mode, tokens=8 * 4 * 32, seqlen=32, batch_size=4, lr=3e-3, eval_every=4,
+                                  val_fraction=0.2, device="cpu")
+    before = {k: m.unpack() for k, m in pruned.masks.items()}
+    out = llmprune.finetune(model, None, cfg, pruned.patterns, pruned.masks, windows=windows, quiet=True)
+    assert out.masks.keys() == pruned.masks.keys()
+    if mode == "masked":  # the pruner's masks, expert by expert, never change
+        assert all(torch.equal(out.masks[k].unpack(), before[k]) for k in before)
+    prefix, blocks = find_blocks(model)
+    for i, b in enumerate(blocks):
+        for t in find_targets(b, f"{prefix}.{i}").values():
+            assert parse_pattern("2:4").violations(t.weight) == 0, t.name
+            assert not t.weight[~out.masks[t.key].unpack()].any(), t.name
+    out.save(tmp_path / "ft")
+    assert inspect(tmp_path / "ft")["ok"]

@@ -25,6 +25,7 @@ from ..engine.plan import resolve_device
 from ..errors import LLMPruneError
 from ..export.codecs import PackedMask
 from ..patterns import Pattern
+from ..targets import by_expert, by_parameter, fused_experts
 from .config import MODES, FinetuneConfig
 from .plot import plot_curves
 from .train import train as run_training
@@ -68,10 +69,9 @@ def finetune(model: nn.Module, tokenizer: Any, config: FinetuneConfig, patterns:
     if config.needs_teacher and teacher is None:
         raise LLMPruneError("finetune: --kd / --squarehead need a dense teacher (--teacher MODEL)")
     params = dict(model.named_parameters())
-    if experts := sorted(n for n in patterns if n.endswith("]")):
-        raise LLMPruneError(f"finetune: fused expert weights ({experts[0]}, ...) cannot be fine-tuned yet; "
-                            "prune with --tune-epochs for block reconstruction instead")
-    if unknown := sorted(set(patterns) - set(params)):
+    fused = fused_experts(model)  # a fused tensor's experts train as one parameter, each on its own mask
+    targets, start = by_parameter(patterns, _unpacked(masks), fused)
+    if unknown := sorted(set(targets) - set(params)):
         raise LLMPruneError(f"finetune: {unknown[0]} is not a parameter of the model")
     device = resolve_device(config.device)
     if windows is None:
@@ -88,14 +88,15 @@ def finetune(model: nn.Module, tokenizer: Any, config: FinetuneConfig, patterns:
     if teacher is not None:  # run under no_grad; its parameters are left as they are
         teacher.to(device).eval()
     try:
-        record, final = run_training(model, windows, config, patterns, _unpacked(masks), teacher, device, work, quiet)
+        record, final = run_training(model, windows, config, targets, start, teacher, device, work, quiet)
     finally:
         model.to(home)
         if teacher is not None:
             teacher.to(home)
     for name, mask in final.items():  # the exact pattern holds: checked as inspect checks a checkpoint
         w = params[name].detach().cpu()
-        if patterns[name].violations(w) or patterns[name].violations(mask) or bool(w[~mask].any()):
-            raise LLMPruneError(f"finetune: {name} left its pattern {patterns[name]}")
+        if targets[name].violations(w) or targets[name].violations(mask) or bool(w[~mask.cpu()].any()):
+            raise LLMPruneError(f"finetune: {name} left its pattern {targets[name]}")
     record["config"] = config.to_dict()
+    final = by_expert({k: m.cpu() for k, m in final.items()}, fused)
     return FinetuneResult(record, dict(patterns), {k: PackedMask.of(m) for k, m in final.items()}, model, tokenizer)
