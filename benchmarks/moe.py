@@ -8,6 +8,9 @@ tokens, so the row also records the tokens per expert and how many fell back to 
 (``--expert-min-tokens``).
 
     python benchmarks/moe.py --experts 4,8,16,64
+    python benchmarks/moe.py --experts 16,64 --nsamples 2     # few tokens: experts fall back to magnitude
+
+Rows are kept per (experts, calibration tokens, device).
 """
 
 from __future__ import annotations
@@ -55,22 +58,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     env = environment()
-    rows = []
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []  # other settings' rows are kept
     for e in (int(x) for x in args.experts.split(",")):
         batched, loop = one(e, True, args), one(e, False, args)
         info = batched["experts_info"]
+        rows = [r for r in rows if (r["experts"], r["tokens"], r["device"]) != (e, args.nsamples * args.seqlen, env["machine"])]
         rows.append(dict(experts=e, expert_shape=[2 * SHAPE["intermediate_size"], SHAPE["hidden_size"]],
                          tokens=args.nsamples * args.seqlen, tokens_min=info["tokens_min"],
                          tokens_median=info["tokens_median"], magnitude_fallback=info["magnitude_fallback"],
                          batched_block_s=batched["block_seconds"], one_by_one_block_s=loop["block_seconds"],
                          speedup=round(loop["block_seconds"] / batched["block_seconds"], 2), device=env["machine"],
-                         commit=env["commit"]))
+                         commit=env["commit"], command=" ".join(["python", *sys.argv])))
         print(f"E={e}: batched {rows[-1]['batched_block_s']} s, one by one {rows[-1]['one_by_one_block_s']} s", flush=True)
-    write_json_atomic(Path(args.out), {"benchmark": "benchmarks/moe.py", "command": " ".join(["python", *sys.argv]),
+    rows.sort(key=lambda r: (r["device"], -r["tokens"], r["experts"]))
+    write_json_atomic(out, {"benchmark": "benchmarks/moe.py", "command": " ".join(["python", *sys.argv]),
                                        "env": env, "shape": SHAPE, "rows": rows})
-    print(markdown_table(["experts", "tokens/expert (min / median)", "magnitude fallback", "batched s", "one by one s",
-                          "speedup"],
-                         [[r["experts"], f"{r['tokens_min']} / {r['tokens_median']}", r["magnitude_fallback"],
+    print(markdown_table(["experts", "calibration tokens", "tokens/expert (min / median)", "magnitude fallback", "batched s",
+                          "one by one s", "speedup"],
+                         [[r["experts"], r["tokens"], f"{r['tokens_min']} / {r['tokens_median']}", r["magnitude_fallback"],
                            r["batched_block_s"], r["one_by_one_block_s"], r["speedup"]] for r in rows]))
     print(json.dumps({"written": args.out}))
     return 0

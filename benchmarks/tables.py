@@ -172,10 +172,10 @@ def moe() -> str:
     if not path.is_file():
         return "_Not measured yet (`python benchmarks/moe.py`)._"
     rows = _load("moe.json")["rows"]
-    body = [[str(r["experts"]), f"{r['tokens_min']} / {r['tokens_median']}", str(r["magnitude_fallback"]),
+    body = [[str(r["experts"]), str(r["tokens"]), f"{r['tokens_min']} / {r['tokens_median']}", str(r["magnitude_fallback"]),
              f"{r['one_by_one_block_s']:.2f}", f"{r['batched_block_s']:.2f}", f"{r['speedup']:.2f}×", r["device"],
              r["commit"][:12]] for r in rows]
-    return _table(["experts", "tokens per expert (min / median)", "magnitude fallback (of 2E)", "one by one s",
+    return _table(["experts", "calibration tokens", "tokens per expert (min / median)", "magnitude fallback (of 2E)", "one by one s",
                    "batched s", "batched speed-up", "device", "commit"], body)
 
 
