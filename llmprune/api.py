@@ -31,6 +31,7 @@ from .eval import perplexity
 from .export.codecs import PackedMask
 from .models import find_blocks
 from .patterns import Pattern
+from .quant import Grid
 from .shards import SafetensorsDir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -42,7 +43,8 @@ class PruneResult:
 
     ``record``: the run record (per-layer sparsity and error, timings); ``patterns``: target weight name ->
     the pattern it obeys (OWL gives each block its own); ``masks``: target weight name -> the mask its
-    method chose (1 bit a weight; ``.unpack()`` gives the bool tensor). ``model`` is the pruned model
+    method chose (1 bit a weight; ``.unpack()`` gives the bool tensor); ``grids``: target weight name -> the
+    quantization grid its kept weights lie on (quantized patterns only). ``model`` is the pruned model
     (in memory), ``path`` the checkpoint a streamed run wrote.
 
     With a work dir, it is kept until the output is safe: :meth:`save` removes it once the checkpoint is
@@ -52,6 +54,7 @@ class PruneResult:
     record: dict[str, Any]
     patterns: dict[str, Pattern]
     masks: dict[str, PackedMask]
+    grids: dict[str, Grid] = field(default_factory=dict)
     model: nn.Module | None = None
     tokenizer: Any = None
     path: Path | None = None
@@ -65,7 +68,7 @@ class PruneResult:
         if self.model is None:
             raise LLMPruneError(f"this run was streamed to {self.path}; its checkpoint is already saved")
         out = save_pruned(self.model, self.tokenizer, out_dir, format, self.patterns, self.masks, overwrite=overwrite,
-                          extra_files=extra_files)
+                          extra_files=extra_files, grids=self.grids)
         if not keep_work_dir:
             self.finish()
         return out
@@ -95,7 +98,7 @@ def prune(model: nn.Module, tokenizer: Any, config: PruneConfig, calib: torch.Te
     calib = _calibration(config, tokenizer, calib, "the model")
     out = run_blocks(prefix, blocks, InPlaceBlocks(model, blocks), calib, plan, model_identity(model, blocks), quiet,
                      n_targets)
-    return PruneResult(out.record, out.patterns, out.masks, model, tokenizer, None, out.work)
+    return PruneResult(out.record, out.patterns, out.masks, out.grids, model, tokenizer, None, out.work)
 
 
 def _tokenizer(path: Path) -> Any:
@@ -146,7 +149,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, con
         run = json.dumps({**(run_record or {}), "prune": out.record}, indent=2, default=str)
         writer.finish(output_config(model), tokenizer, {"ignore": ignored_linears(model, out.patterns)},
                       {"llmprune_run.json": run}, generation)
-    result = PruneResult(out.record, out.patterns, out.masks, None, tokenizer, writer.out_dir, out.work)
+    result = PruneResult(out.record, out.patterns, out.masks, out.grids, None, tokenizer, writer.out_dir, out.work)
     result.finish()  # only now: the output is published
     out.record["seconds"].update(write=time.perf_counter() - t1, total=time.perf_counter() - t0)
     return result

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     config = config_from_args(args)
     plan = config.plan()  # the one validation of the settings
     ft = finetune_config_from_args(args, config)
+    if ft is not None and plan.pattern.quant is not None:
+        raise LLMPruneError("--finetune-tokens trains kept weights off the --quant grid; fine-tune first, then quantize")
     args.save_is_own_output = bool(args.save) and _own_earlier_output(args, config)
     checks.before_loading(args, config)  # every model-free problem, at once
     if config.stream:

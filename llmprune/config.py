@@ -12,6 +12,7 @@ from .engine.plan import OwlPlan, Plan, RunOptions, resolve_device
 from .errors import LLMPruneError
 from .methods import METHODS
 from .patterns import Pattern, parse_pattern
+from .quant import parse_quant
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -28,6 +29,13 @@ class PruneConfig:
     sparsity: float | None = _opt(None, "fraction of weights removed; implied by N:M and RxC:K patterns (default 0.5)")
     pattern: str = _opt("unstructured", "'unstructured', 'N:M' (2:4, 4:8) or 'RxC:K' (4x4:8)")
     granularity: str = _opt("row", "unstructured comparison group: per output 'row' or whole 'layer'", choices=("row", "layer"))
+    quant: str = _opt("none", "also quantize the kept weights onto a group grid (int4, int8; none: full precision); "
+                              "admm and sparsegpt solve pattern and grid jointly, gptq quantizes only, wanda and "
+                              "magnitude round to nearest; with --sparsity 0: quantization alone",
+                      choices=("none", "int4", "int8"))
+    group_size: int = _opt(128, "--quant: input columns sharing one fp16 scale (-1: one per output row); a multiple "
+                                "of the pattern's group width (M of N:M, C of RxC:K)")
+    asym: bool = _opt(False, "--quant: asymmetric grid (scale and integer zero point per group) instead of symmetric")
     allocation: str = _opt("uniform", "sparsity per decoder block: the same everywhere, or 'owl' (outlier-weighted: "
                                       "blocks with more outliers keep more weights; unstructured only)",
                            choices=("uniform", "owl"))
@@ -67,7 +75,8 @@ class PruneConfig:
                                "(starts afresh if there is none)")
 
     def resolved_pattern(self) -> Pattern:
-        return parse_pattern(self.pattern, self.sparsity, self.granularity)
+        return parse_pattern(self.pattern, self.sparsity, self.granularity,
+                             parse_quant(self.quant, self.group_size, not self.asym))
 
     def method_config(self) -> Any:
         method = METHODS[self.method]
@@ -113,6 +122,11 @@ class PruneConfig:
                                     "every layer's sparsity")
             if self.owl_lambda < 0 or self.owl_m <= 0:
                 raise LLMPruneError(f"need owl_lambda >= 0 and owl_m > 0, got {self.owl_lambda} and {self.owl_m}")
+        quantized = self.resolved_pattern().quant is not None
+        if METHODS[self.method].quantizes and not quantized:
+            raise LLMPruneError(f"--method {self.method} quantizes: give it a grid with --quant int4 or int8")
+        if quantized and self.tune_epochs:
+            raise LLMPruneError("--tune-epochs trains kept weights off the --quant grid; use one or the other")
         if self.tune_epochs < 0 or self.tune_lr <= 0:
             raise LLMPruneError(f"need tune_epochs >= 0 and tune_lr > 0, got {self.tune_epochs} and {self.tune_lr}")
         if self.resume and not self.work_dir:

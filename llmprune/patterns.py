@@ -12,6 +12,9 @@ the boolean mask keeping the highest scores under the pattern. Passing a smaller
 pattern's own relaxes it, which is how gradual (ramped) mask selection works for structured patterns:
 the structured mask is always kept, plus the globally highest remaining scores up to the requested
 density, so at the end of the ramp the mask is exactly the pattern.
+
+A pattern may also carry a :class:`~llmprune.quant.QuantSpec` (``quant``): the kept weights must then lie
+on its group grid too, and a method's projection is Π_quant ∘ Π_pattern.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LLMPruneError
+from .quant import QuantSpec
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _TILE = re.compile(r"^(\d+)x(\d+):(\d+)$")
@@ -45,6 +49,7 @@ class Pattern:
     c: int = 0
     k: int = 0
     granularity: str = "row"  # unstructured only: "row" | "layer"
+    quant: QuantSpec | None = None  # the grid kept weights are rounded onto (None: full precision)
 
     def __str__(self) -> str:
         if self.kind == "nm":
@@ -52,6 +57,16 @@ class Pattern:
         if self.kind == "tile":
             return f"{self.r}x{self.c}:{self.k}"
         return "unstructured"
+
+    @property
+    def label(self) -> str:
+        """The pattern with its quantization, e.g. ``2:4+int4g128``."""
+        return str(self) if self.quant is None else f"{self}+{self.quant}"
+
+    @property
+    def unit(self) -> int:
+        """Input columns of one comparison group's width: M (N:M), C (RxC:K), 1 (unstructured)."""
+        return {"nm": self.m, "tile": self.c}.get(self.kind, 1)
 
     @property
     def structured(self) -> bool:
@@ -66,6 +81,8 @@ class Pattern:
             raise LLMPruneError(
                 f"{name}: shape {out_f}x{in_f} is not divisible by the {self.r}x{self.c} tiles of pattern {self}"
             )
+        if self.quant is not None:
+            self.quant.check_shape(in_f, self.unit, name)
 
     def group_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int]:
         """``[rows of groups, groups per row, group size]`` of an ``[out, in]`` weight: the comparison groups
@@ -155,8 +172,9 @@ class Pattern:
         return int((self.groups(nz).sum(-1) > self.keep_per_group(nz.shape)).sum())
 
 
-def parse_pattern(spec: str, sparsity: float | None = None, granularity: str = "row") -> Pattern:
-    """Parse ``unstructured``, ``N:M`` or ``RxC:K`` and check it against ``sparsity``.
+def parse_pattern(spec: str, sparsity: float | None = None, granularity: str = "row",
+                  quant: QuantSpec | None = None) -> Pattern:
+    """Parse ``unstructured``, ``N:M`` or ``RxC:K`` and check it against ``sparsity``; ``quant`` adds a grid.
 
     For structured patterns the sparsity is implied (2:4 -> 0.5); an explicit different one is refused.
     """
@@ -166,19 +184,19 @@ def parse_pattern(spec: str, sparsity: float | None = None, granularity: str = "
         raise LLMPruneError(f"granularity must be 'row' or 'layer', got {granularity!r}")
     spec = spec.strip().lower()
     if spec in ("unstructured", "dense", "none"):
-        return Pattern("unstructured", 0.5 if sparsity is None else sparsity, granularity=granularity)
+        return Pattern("unstructured", 0.5 if sparsity is None else sparsity, granularity=granularity, quant=quant)
     if granularity != "row":
         raise LLMPruneError(f"--granularity applies to unstructured sparsity only, not pattern {spec}")
     if mt := _NM.match(spec):
         n, m = int(mt[1]), int(mt[2])
         if not 0 < n <= m:
             raise LLMPruneError(f"pattern {spec}: need 0 < N <= M")
-        pattern = Pattern("nm", 1.0 - n / m, n=n, m=m)
+        pattern = Pattern("nm", 1.0 - n / m, n=n, m=m, quant=quant)
     elif mt := _TILE.match(spec):
         r, c, k = int(mt[1]), int(mt[2]), int(mt[3])
         if r <= 0 or c <= 0 or not 0 < k <= r * c:
             raise LLMPruneError(f"pattern {spec}: need R, C > 0 and 0 < K <= R*C = {r * c}")
-        pattern = Pattern("tile", 1.0 - k / (r * c), r=r, c=c, k=k)
+        pattern = Pattern("tile", 1.0 - k / (r * c), r=r, c=c, k=k, quant=quant)
     else:
         raise LLMPruneError(f"unknown pattern {spec!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'RxC:K' (e.g. 4x4:8)")
     if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-6:

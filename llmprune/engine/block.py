@@ -13,10 +13,11 @@ from torch import nn
 from ..errors import LLMPruneError
 from ..methods import METHODS, LayerStats, MagnitudeConfig, dense_target, paired_error, reconstruction_error
 from ..patterns import Pattern
+from ..quant import Grid
 from ..stages.tune import tune_block
 from ..targets import Target, find_targets
 from .capture import Activations, StopForward, block_out
-from .experts import batchable, merge_expert_groups, prune_batch
+from .experts import batchable, merge_expert_groups, prune_batch, store
 from .plan import Plan
 from .statistics import DenseTap, ErrorMeter, StatsCollector
 
@@ -63,8 +64,9 @@ def run_block(block: nn.Module, acts: Activations, device: torch.device, replace
 
 def prune_target(name: str, target: Target, stats: LayerStats, plan: Plan, pattern: Pattern,
                  xtd: torch.Tensor | None = None, dense_sq: float | None = None,
-                 tokens: int = 0) -> tuple[LayerRecord, torch.Tensor]:
-    """Apply the plan's method with ``pattern`` to one target in place; returns its record and the method's mask.
+                 tokens: int = 0) -> tuple[LayerRecord, torch.Tensor, Grid | None]:
+    """Apply the plan's method with ``pattern`` to one target in place; returns its record, the method's mask
+    and (with ``pattern.quant``) the grid its kept weights lie on.
 
     With ``xtd`` (= XₚᵀX_d, pruned-model inputs against dense-model inputs) and ``dense_sq`` (= ‖X_dWᵀ‖²)
     the layer is fitted to the dense model's outputs (:func:`llmprune.methods.dense_target`). Without
@@ -89,10 +91,7 @@ def prune_target(name: str, target: Target, stats: LayerStats, plan: Plan, patte
         result = METHODS[method].fn(start, stats, pattern, config)
     except (FloatingPointError, torch.linalg.LinAlgError) as e:
         raise LLMPruneError(f"{name}: {method} failed numerically: {e}") from e
-    if not torch.isfinite(result.weight).all():
-        raise LLMPruneError(f"{name}: {method} produced NaN/Inf weights")
-    # masked_fill turns the -0.0 that W * mask leaves into +0.0, so checkpoints round-trip bit-exactly.
-    weight.data.copy_(result.weight.masked_fill(~result.mask, 0.0).to(weight.dtype))
+    store(name, weight, result, method, pattern)
     sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     w1 = weight.data.to(torch.float32)
     if xtx is None:
@@ -101,7 +100,7 @@ def prune_target(name: str, target: Target, stats: LayerStats, plan: Plan, patte
         err = reconstruction_error(w0, w1, xtx) if xtd is None else paired_error(w0, w1, xtx, xtd, dense_sq)
     record = LayerRecord(name, list(weight.shape), pattern.sparsity, sparsity, err, time.perf_counter() - t0,
                          tokens, method)
-    return record, result.mask
+    return record, result.mask, result.grid
 
 
 def tunable(targets: dict[str, Target], masks: dict[str, torch.Tensor]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
@@ -137,7 +136,8 @@ def _collect(block: nn.Module, linears: dict[str, Target], acts: Activations, de
 
 
 def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pattern: Pattern,
-                device: torch.device) -> tuple[list[LayerRecord], dict[str, torch.Tensor], tuple[float, float] | None]:
+                device: torch.device) -> tuple[list[LayerRecord], dict[str, torch.Tensor], dict[str, Grid],
+                                               tuple[float, float] | None]:
     """Prune every target of one block (already on ``device``) to ``pattern`` and advance the activations.
 
     With ``plan.sequential`` the groups of Linears sharing an input (q/k/v, o, gate/up, down) are
@@ -152,8 +152,9 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pa
     towards the dense model's outputs, or without dense targets towards the dense block's outputs on the
     same inputs (kept from the first pass).
 
-    Returns the layer records, each target's mask (its weight key -> bool ``[out, in]``, on the host) and
-    the block's relative output error before and after tuning (``None`` without tuning).
+    Returns the layer records, each target's mask (its weight key -> bool ``[out, in]``, on the host), with
+    ``pattern.quant`` each target's grid (on the host), and the block's relative output error before and
+    after tuning (``None`` without tuning).
     """
     linears = find_targets(block, prefix, plan.skip)
     tap = DenseTap(block, prefix, plan.skip) if acts.targets is not None else None
@@ -162,21 +163,24 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pa
     collector, targets = _collect(block, linears, acts, device, plan, tap, keep=local)
     records: list[LayerRecord] = []
     masks: dict[str, torch.Tensor] = {}
+    grids: dict[str, Grid] = {}
     seen = set(collector.owner)  # targets that ran at all (an expert may get no token)
     for k, group in enumerate(merge_expert_groups(collector.groups(), linears)):
         ran = [n for n in group if n in seen]
         if (plan.sequential or tap is not None) and k > 0 and ran:
             collector, _ = _collect(block, {n: linears[n] for n in ran}, acts, device, plan, tap, stop_early=True)
-        done: dict[str, tuple[LayerRecord, torch.Tensor]] = {}
+        done: dict[str, tuple[LayerRecord, torch.Tensor, Grid | None]] = {}
         if batch := batchable(group, linears, collector.rows, plan):
-            for fields, mask in prune_batch(batch, linears, [collector.get(n) for n in batch], plan, pattern,
-                                            collector.rows):
-                done[fields["name"]] = (LayerRecord(**fields), mask)
+            for fields, mask, grid in prune_batch(batch, linears, [collector.get(n) for n in batch], plan, pattern,
+                                                  collector.rows):
+                done[fields["name"]] = (LayerRecord(**fields), mask, grid)
         for n in group:
-            record, mask = done.get(n) or prune_target(n, linears[n], collector.get(n), plan, pattern,
-                                                       *collector.paired(n), tokens=collector.rows.get(n, 0))
+            record, mask, grid = done.get(n) or prune_target(n, linears[n], collector.get(n), plan, pattern,
+                                                             *collector.paired(n), tokens=collector.rows.get(n, 0))
             records.append(record)
             masks[linears[n].key] = mask.to("cpu")
+            if grid is not None:
+                grids[linears[n].key] = Grid(*(t.to("cpu") for t in grid))
     del collector
     if dense is not None:  # exact errors for methods without XᵀX, as pruned (before tuning), on the dense inputs
         meter = ErrorMeter(dense, linears, prefix, plan.skip)
@@ -195,4 +199,4 @@ def prune_block(block: nn.Module, prefix: str, acts: Activations, plan: Plan, pa
         tap.remove()
         acts.targets = targets
     run_block(block, acts, device, replace=True)
-    return records, masks, tuned
+    return records, masks, grids, tuned

@@ -15,10 +15,21 @@ import time
 import torch
 
 from ..errors import LLMPruneError
-from ..methods import LayerStats, reconstruction_error
+from ..methods import LayerStats, PruneResult, reconstruction_error
 from ..patterns import Pattern
+from ..quant import Grid
 from ..targets import Target
 from .plan import Plan
+
+
+def store(name: str, weight: torch.Tensor, result: PruneResult, method: str, pattern: Pattern) -> None:
+    """Write a method's result into the model's weight, refusing NaN/Inf and a missing grid."""
+    if not torch.isfinite(result.weight).all():
+        raise LLMPruneError(f"{name}: {method} produced NaN/Inf weights")
+    if pattern.quant is not None and result.grid is None:
+        raise LLMPruneError(f"{name}: {method} returned no quantization grid for {pattern.label}")
+    # masked_fill turns the -0.0 that W * mask leaves into +0.0, so checkpoints round-trip bit-exactly.
+    weight.data.copy_(result.weight.masked_fill(~result.mask, 0.0).to(weight.dtype))
 
 
 def merge_expert_groups(groups: list[list[str]], targets: dict[str, Target]) -> list[list[str]]:
@@ -46,8 +57,8 @@ def batchable(group: list[str], targets: dict[str, Target], rows: dict[str, int]
 
 
 def prune_batch(names: list[str], targets: dict[str, Target], stats: list[LayerStats], plan: Plan,
-                pattern: Pattern, rows: dict[str, int]) -> list[tuple[dict, torch.Tensor]]:
-    """Prune the experts ``names`` in one call of the plan's method; (record fields, mask) per expert."""
+                pattern: Pattern, rows: dict[str, int]) -> list[tuple[dict, torch.Tensor, Grid | None]]:
+    """Prune the experts ``names`` in one call of the plan's method; (record fields, mask, grid) per expert."""
     t0 = time.perf_counter()
     w0 = torch.stack([targets[n].weight.detach().to(torch.float32) for n in names])
     xtx = torch.stack([s.xtx for s in stats])
@@ -62,14 +73,13 @@ def prune_batch(names: list[str], targets: dict[str, Target], stats: list[LayerS
     seconds = (time.perf_counter() - t0) / len(names)
     out = []
     for i, n in enumerate(names):
-        if not torch.isfinite(result.weight[i]).all():
-            raise LLMPruneError(f"{n}: {plan.method} produced NaN/Inf weights")
+        grid = None if result.grid is None else Grid(result.grid.scale[i], result.grid.zero[i])
         weight = targets[n].weight
-        weight.data.copy_(result.weight[i].masked_fill(~result.mask[i], 0.0).to(weight.dtype))
+        store(n, weight, PruneResult(result.weight[i], result.mask[i], grid), plan.method, pattern)
         w1 = weight.data.to(torch.float32)
         fields = dict(name=n, shape=list(weight.shape), target=pattern.sparsity,
                       sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
                       recon_error=reconstruction_error(w0[i], w1, xtx[i]), seconds=seconds, tokens=rows[n],
                       method=plan.method)
-        out.append((fields, result.mask[i]))
+        out.append((fields, result.mask[i], grid))
     return out

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import LLMPruneError
 from ..export.codecs import PackedMask
 from ..patterns import Pattern
+from ..quant import Grid
 from ..stages.owl import allocate, outlier_scan
 from ..targets import block_weight_counts, find_targets, untargeted, weight_key
 from .block import prune_block
@@ -51,6 +52,7 @@ class EngineResult:
     record: dict[str, Any]
     patterns: dict[str, Pattern]  # target weight name -> the pattern it obeys (per block with OWL)
     masks: dict[str, PackedMask]  # target weight name -> the mask its method chose
+    grids: dict[str, Grid]  # target weight name -> its quantization grid (quantized patterns only)
     work: WorkDir | None  # to be removed by the caller once its output is safe
 
 
@@ -125,36 +127,41 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
     if state.outlier_ratios is not None:
         patterns = allocate(state.outlier_ratios, plan.pattern, plan.owl.lam)
     masks: dict[str, PackedMask] = {}
+    grids: dict[str, Grid] = {}
     for i in range(state.done):
-        tensors, block_masks = work.block(i, _weight_shapes(blocks, prefix, i, plan.skip))
-        io.restore(i, tensors, patterns[i], block_masks)
+        tensors, block_masks, block_grids = work.block(i, _weight_shapes(blocks, prefix, i, plan.skip))
+        io.restore(i, tensors, patterns[i], block_masks, block_grids)
         masks.update({k: PackedMask.of(m) for k, m in block_masks.items()})
+        grids.update(block_grids)
 
-    def commit(block: dict[str, torch.Tensor] | None = None, block_masks: dict[str, torch.Tensor] | None = None) -> None:
+    def commit(block: dict[str, torch.Tensor] | None = None, block_masks: dict[str, torch.Tensor] | None = None,
+               block_grids: dict[str, Grid] | None = None) -> None:
         record = asdict(state) | {"elapsed": state.elapsed + time.perf_counter() - t0}
-        work.commit(state.done, acts.state(), record, block, block_masks)
+        work.commit(state.done, acts.state(), record, block, block_masks, block_grids)
 
     if work is not None and saved is None:
         commit()
-    bar = tqdm(range(state.done, len(blocks)), desc=f"prune {plan.method} {plan.pattern}", disable=quiet,
+    bar = tqdm(range(state.done, len(blocks)), desc=f"prune {plan.method} {plan.pattern.label}", disable=quiet,
                unit="block", initial=state.done, total=len(blocks))
     for i in bar:
         tb = time.perf_counter()
         acts.block = i
         io.load(i, device)
-        records, block_masks, tuned = prune_block(blocks[i], f"{prefix}.{i}", acts, plan, patterns[i], device)
+        records, block_masks, block_grids, tuned = prune_block(blocks[i], f"{prefix}.{i}", acts, plan, patterns[i],
+                                                               device)
         state.layers += [r.__dict__ for r in records]
         state.block_weights.append(list(block_weight_counts(blocks[i])))
         if tuned is not None:
             state.tune.append(list(tuned))
-        io.store(i, patterns[i], block_masks)
+        io.store(i, patterns[i], block_masks, block_grids)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so the block's time is its own, not the next one's
         state.block_seconds.append(time.perf_counter() - tb)
         state.done = i + 1
         masks.update({k: PackedMask.of(m) for k, m in block_masks.items()})
+        grids.update(block_grids)
         if work is not None:
-            commit(blocks[i].state_dict(), block_masks)
+            commit(blocks[i].state_dict(), block_masks, block_grids)
         io.release(i)
         bar.set_postfix(err=f"{sum(r['recon_error'] for r in state.layers[-8:]) / min(8, len(state.layers)):.4f}")
     acts.batches.clear()  # free the activations before the caller's next step
@@ -164,7 +171,7 @@ def run_blocks(prefix: str, blocks: nn.ModuleList, io: Blocks, calib: torch.Tens
     record = _record(state, plan, patterns, device, len(blocks), n_targets, t0, resumed_from)
     record["not_pruned"] = not_pruned(blocks, prefix, plan)
     return EngineResult(record, {weight_key(r["name"]): patterns[_block_of(r["name"], prefix)] for r in state.layers},
-                        masks, work)
+                        masks, grids, work)
 
 
 def _block_of(name: str, prefix: str) -> int:
@@ -186,6 +193,8 @@ def _record(state: RunState, plan: Plan, patterns: list[Pattern], device: torch.
         # over every weight matrix of the blocks, targets or not (routers, anything left dense)
         "sparsity_block_weights": sum(z for z, _ in state.block_weights) / max(1, sum(n for _, n in state.block_weights)),
     }
+    if plan.pattern.quant is not None:
+        record["quant"] = asdict(plan.pattern.quant)
     experts = [r for r in layers if r["name"].endswith("]")]
     if experts:  # what calibration reached the experts, and which fell back to magnitude
         tokens = [r["tokens"] for r in experts]

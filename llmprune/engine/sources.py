@@ -23,6 +23,7 @@ from ..models import DTYPES
 from ..targets import find_targets, fused_experts
 from .convert import ConvertedSource
 from ..patterns import Pattern
+from ..quant import Grid
 from ..shards import SafetensorsDir
 from .capture import Activations, capture_blocks, capture_inputs
 
@@ -39,13 +40,15 @@ class Blocks(Protocol):
     def unload(self, i: int) -> None:
         """Put dense block ``i`` (on the device, unchanged) away again."""
 
-    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
-        """Block ``i`` is pruned to ``pattern`` with ``masks`` (still on the device): keep it wherever the result goes."""
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor], grids: dict[str, Grid]) -> None:
+        """Block ``i`` is pruned to ``pattern`` with ``masks`` (and quantized on ``grids``; still on the device):
+        keep it wherever the result goes."""
 
     def release(self, i: int) -> None:
         """Free the device (and host) memory of stored block ``i``."""
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor],
+                grids: dict[str, Grid]) -> None:
         """Block ``i`` was pruned by an earlier, interrupted run: keep its saved state dict."""
 
 
@@ -65,13 +68,14 @@ class InPlaceBlocks:
     def unload(self, i: int) -> None:
         self.blocks[i].to(self.home)
 
-    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor], grids: dict[str, Grid]) -> None:
         self.blocks[i].to(self.home)
 
     def release(self, i: int) -> None:
         pass
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor],
+                grids: dict[str, Grid]) -> None:
         self.blocks[i].load_state_dict(tensors)
 
 
@@ -171,19 +175,21 @@ class StreamBlocks:
     def unload(self, i: int) -> None:
         self.release(i)
 
-    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
+    def restore(self, i: int, tensors: dict[str, torch.Tensor], pattern: Pattern, masks: dict[str, torch.Tensor],
+                grids: dict[str, Grid]) -> None:
         targets = self._targets(i)
         fused = fused_experts(self.blocks[i], f"{self.prefix}.{i}")
         for k, t in tensors.items():
             name = f"{self.prefix}.{i}.{k}"
             if name in fused and f"{name}[0]" in targets:
                 n, transposed = fused[name]
-                self.writer.add_experts(name, t, pattern, [masks.get(f"{name}[{e}]") for e in range(n)], transposed)
+                self.writer.add_experts(name, t, pattern, [masks.get(f"{name}[{e}]") for e in range(n)], transposed,
+                                        [grids.get(f"{name}[{e}]") for e in range(n)])
             else:
-                self.writer.add(name, t, pattern if name in targets else None, masks.get(name))
+                self.writer.add(name, t, pattern if name in targets else None, masks.get(name), grids.get(name))
 
-    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor]) -> None:
-        self.restore(i, self.blocks[i].state_dict(), pattern, masks)
+    def store(self, i: int, pattern: Pattern, masks: dict[str, torch.Tensor], grids: dict[str, Grid]) -> None:
+        self.restore(i, self.blocks[i].state_dict(), pattern, masks, grids)
 
     def release(self, i: int) -> None:
         self.blocks[i].to("meta")

@@ -1,7 +1,8 @@
 """The work directory that lets a killed run continue from its last finished block.
 
 After block ``i`` the engine commits, in this order: ``block-i.safetensors`` (the pruned block and,
-under ``mask:``-prefixed names, the masks its method chose, packed 8 to a byte), ``acts-(i+1).pt`` (the next block's inputs), then ``state.json`` saying ``done = i + 1``. Every file is
+under ``mask:``-prefixed names, the masks its method chose, packed 8 to a byte, and under ``scale:``/``zero:``
+the grids of quantized targets), ``acts-(i+1).pt`` (the next block's inputs), then ``state.json`` saying ``done = i + 1``. Every file is
 written to a temp name, fsynced and renamed, and ``state.json`` is the commit point, so a kill at any
 moment leaves a state whose files all exist; anything newer is stray and gets overwritten.
 """
@@ -19,11 +20,13 @@ from safetensors.torch import load_file, save_file
 from ..errors import LLMPruneError
 from ..export.codecs import pack_bits, unpack_bits
 from ..models import to_device
+from ..quant import Grid
 from ..report import write_atomic
 
 STATE = "state.json"
 VERSION = 2  # 2: the plan's fingerprint, per-block kwargs and masks
 MASK = "mask:"
+SCALE, ZERO = "scale:", "zero:"  # a quantized target's grid
 
 
 def _block(i: int) -> str:
@@ -64,12 +67,14 @@ class WorkDir:
         return state
 
     def commit(self, done: int, acts: Any, record: dict[str, Any], block: dict[str, torch.Tensor] | None = None,
-               masks: dict[str, torch.Tensor] | None = None) -> None:
-        """Persist block ``done - 1`` (if given) with its ``masks`` and the inputs of block ``done``, then move
-        the commit point."""
+               masks: dict[str, torch.Tensor] | None = None, grids: dict[str, Grid] | None = None) -> None:
+        """Persist block ``done - 1`` (if given) with its ``masks`` and ``grids`` and the inputs of block
+        ``done``, then move the commit point."""
         if block is not None:
             cpu = {k: v.detach().to("cpu").contiguous() for k, v in block.items()}
             cpu.update({f"{MASK}{k}": pack_bits(m.to("cpu")) for k, m in (masks or {}).items()})
+            for k, g in (grids or {}).items():
+                cpu.update({f"{SCALE}{k}": g.scale.contiguous(), f"{ZERO}{k}": g.zero.contiguous()})
             write_atomic(self.path / _block(done - 1), lambda tmp: save_file(cpu, tmp))
         write_atomic(self.path / _acts(done), lambda tmp: torch.save(to_device(acts, "cpu"), tmp))
         state = {"version": VERSION, "fingerprint": self.fingerprint, "done": done, "record": record}
@@ -79,12 +84,15 @@ class WorkDir:
     def acts(self, done: int) -> Any:
         return torch.load(self.path / _acts(done), weights_only=True)
 
-    def block(self, i: int, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Saved block ``i``: its state dict and its masks (full weight names -> bool, shaped by ``shapes``)."""
+    def block(self, i: int, shapes: dict[str, tuple[int, ...]]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Grid]]:
+        """Saved block ``i``: its state dict, its masks (full weight names -> bool, shaped by ``shapes``) and
+        its targets' grids."""
         saved = load_file(self.path / _block(i))
-        tensors = {k: v for k, v in saved.items() if not k.startswith(MASK)}
+        tensors = {k: v for k, v in saved.items() if not k.startswith((MASK, SCALE, ZERO))}
         masks = {k[len(MASK):]: unpack_bits(v, shapes[k[len(MASK):]]) for k, v in saved.items() if k.startswith(MASK)}
-        return tensors, masks
+        grids = {k[len(SCALE):]: Grid(v, saved[f"{ZERO}{k[len(SCALE):]}"]) for k, v in saved.items() if k.startswith(SCALE)}
+        return tensors, masks, grids
 
     def remove(self) -> None:
         """Delete what this run wrote (state first, so a half-removed dir never looks resumable)."""

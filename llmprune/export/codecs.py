@@ -19,19 +19,26 @@ groups with fewer non-zeros get zero-valued slots. Zeros always decode as ``+0.0
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
+from ..quant import Grid
 
 # Suffixes of the stored parts of one pruned weight, appended to its prefix (``name`` minus ``.weight``).
 PARTS = ("compressed", "bitmask", "shape", "row_offsets")
+QUANT_PARTS = ("codes", "grid_scale", "grid_zero")  # a quantized weight's codes and grid (export/quantized.py)
 
 
 def layout_of(pattern: Pattern) -> str:
-    """Name of the storage layout used for ``pattern``."""
+    """Name of the storage layout used for ``pattern`` (``+int4`` / ``+int8`` with quantization: codes in
+    place of values, :mod:`llmprune.export.quantized`)."""
+    if pattern.quant is not None:
+        plain = "packed" if not pattern.structured and pattern.sparsity == 0 else layout_of(replace(pattern, quant=None))
+        return f"{plain}+int{pattern.quant.bits}"
     if pattern.kind == "unstructured":
         return "sparse-bitmask"
     if pattern.kind == "nm":
@@ -41,6 +48,10 @@ def layout_of(pattern: Pattern) -> str:
 
 def parts_of(pattern: Pattern) -> tuple[str, ...]:
     """The part suffixes stored for ``pattern``'s layout."""
+    if pattern.quant is not None:
+        from .quantized import parts
+
+        return parts(pattern)
     return PARTS if pattern.kind == "unstructured" else PARTS[:3]
 
 
@@ -99,12 +110,17 @@ def check(weight: torch.Tensor, pattern: Pattern, name: str) -> None:
                             f"(sparsity {pattern.sparsity:g})")
 
 
-def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def encode(weight: torch.Tensor, pattern: Pattern, name: str, mask: torch.Tensor | None = None,
+           grid: Grid | None = None) -> dict[str, torch.Tensor]:
     """Compress ``weight`` (which must obey ``pattern``) into its parts, keyed by suffix.
 
     ``mask``: the positions the pruner kept (which must obey the pattern and cover every non-zero);
-    without it they are read off the non-zeros.
+    without it they are read off the non-zeros. ``grid``: a quantized pattern's scales (and zeros).
     """
+    if pattern.quant is not None:
+        from . import quantized
+
+        return quantized.encode(weight, pattern, name, mask, grid)
     check(weight, pattern, name)
     if mask is not None:
         mask = mask.to(weight.device)
@@ -169,6 +185,10 @@ def _keep(parts: dict[str, torch.Tensor], pattern: Pattern, shape: tuple[int, in
 def mask_of(parts: dict[str, torch.Tensor], pattern: Pattern, name: str) -> torch.Tensor:
     """The pruner's mask (bool ``[out, in]``) stored with a compressed weight."""
     shape = _shape(parts, pattern, name)
+    if pattern.quant is not None:
+        pattern = replace(pattern, quant=None)
+        if not pattern.structured and pattern.sparsity == 0:  # the packed layout keeps every weight
+            return torch.ones(shape, dtype=torch.bool, device=parts["codes"].device)
     keep = _keep(parts, pattern, shape, name, verify=True)
     return pattern.ungroup(keep, shape) if pattern.structured else keep
 
@@ -178,7 +198,12 @@ def decode(parts: dict[str, torch.Tensor], pattern: Pattern, name: str, verify: 
 
     ``verify=False`` skips the data-dependent checks (bitmask counts, offsets, the pattern itself), which
     cost a device sync: for parts already verified once, e.g. in :class:`CompressedLinear`'s forward.
+    A quantized pattern's parts decode to fp32 (:func:`llmprune.export.quantized.decode`).
     """
+    if pattern.quant is not None:
+        from . import quantized
+
+        return quantized.decode(parts, pattern, name, verify)
     shape, values = _shape(parts, pattern, name), parts["compressed"]
     if not values.is_floating_point():
         raise LLMPruneError(f"{name}: stored values have non-float dtype {values.dtype}")

@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import LLMPruneError
 from . import schema
-from .codecs import PARTS, decode
+from .codecs import PARTS, QUANT_PARTS, decode
 
 QUANT_METHOD = "llmprune"
 
@@ -53,7 +53,8 @@ class Decompress(ConversionOps):
         pattern = self.quantizer.targets(model).get(full_layer_name)
         if pattern is None:
             raise LLMPruneError(f"{full_layer_name}: stored as compressed parts but not a declared target")
-        return {"weight": decode(parts, pattern, full_layer_name)}
+        weight = decode(parts, pattern, full_layer_name)
+        return {"weight": weight if pattern.quant is None or model is None else weight.to(model.dtype)}
 
 
 @register_quantizer(QUANT_METHOD)
@@ -61,7 +62,7 @@ class LLMPruneQuantizer(HfQuantizer):
     """Decodes llmprune's compressed weights while transformers loads; the model comes out dense."""
 
     requires_calibration = False
-    serialized_names = {"weight": list(PARTS)}
+    serialized_names = {"weight": [*PARTS, *QUANT_PARTS]}
 
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)

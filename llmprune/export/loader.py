@@ -42,7 +42,7 @@ class CompressedLinear(nn.Module):
         return decode({s: getattr(self, s) for s in parts_of(self.pattern)}, self.pattern, self.name, verify=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.decompress(), self.bias)
+        return F.linear(x, self.decompress().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}"
@@ -117,10 +117,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         if not isinstance(linear, nn.Linear) or not (compressed_modules or kernels):
             continue
         mask = ckpt.mask(name)  # the pruner's own positions, never guessed from zeros
+        if kernels and pattern.quant is not None:
+            raise LLMPruneError(f"{name}: kernels=True does not run quantized ({pattern.label}) weights yet; "
+                                "use compressed_modules=True or the default dense load")
         if kernels:
             swapped = sparse_linear.from_weight(linear.weight.detach().to(device), pattern,
                                                 None if linear.bias is None else linear.bias.detach().to(device),
                                                 mask=mask.to(device))
+        elif ckpt.fmt == "compressed":  # the stored parts as they are (a quantized weight's codes and grid too)
+            swapped = CompressedLinear(ckpt.parts(name), pattern, None if linear.bias is None else linear.bias.detach(), name)
         else:
             swapped = CompressedLinear.from_linear(linear, pattern, name, mask)
         model.set_submodule(module_name, swapped)

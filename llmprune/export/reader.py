@@ -49,6 +49,12 @@ class Checkpoint:
         self._whole: dict[str, torch.Tensor] = {}  # the last dense-format experts tensor read
         self._check_targets()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the checkpoint's model was saved in (``config.json``'s ``dtype``; fp32 if unset)."""
+        dt = getattr(self.config, "dtype", None)
+        return getattr(torch, dt.removeprefix("torch.")) if isinstance(dt, str) else dt or torch.float32
+
     def _stored_names(self, name: str) -> list[str]:
         """Stored tensor names holding parameter (or expert target) ``name``."""
         if name in self.targets and self.fmt == "compressed":
@@ -100,7 +106,8 @@ class Checkpoint:
         if pattern is None:
             return self.tensor(name)
         if self.fmt == "compressed":
-            return decode(self.parts(name), pattern, name)
+            weight = decode(self.parts(name), pattern, name)
+            return weight if pattern.quant is None else weight.to(self.dtype)  # codes decode in fp32
         if (split := split_expert(name)) is not None and split[0] in self.experts:
             whole = self._whole.get(split[0])
             if whole is None:  # read once for all its experts

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
+from ..quant import Grid
 from ..targets import fused_experts, split_expert
 from .codecs import PackedMask
 from .hf import QUANT_METHOD
@@ -42,14 +43,15 @@ def ignored_linears(model: torch.nn.Module, patterns: dict[str, Pattern]) -> lis
 def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLike, fmt: str = "compressed",
                 patterns: dict[str, Pattern] | None = None, masks: dict[str, torch.Tensor | PackedMask] | None = None,
                 overwrite: bool = False, extra_files: dict[str, bytes | str] | None = None,
-                max_shard_bytes: int = 2**30) -> Path:
+                max_shard_bytes: int = 2**30, grids: dict[str, Grid] | None = None) -> Path:
     """Save an in-memory pruned model; ``patterns`` maps parameter names to the pattern each obeys and
-    ``masks`` (optional) to the mask its pruner chose (usually from :class:`llmprune.PruneResult`).
+    ``masks`` (optional) to the mask its pruner chose, ``grids`` to a quantized target's grid (usually all
+    from :class:`llmprune.PruneResult`).
 
     Tensors stream through :class:`CheckpointWriter` one at a time; tied weights are stored once (the first
     name, as ``save_pretrained`` does), and Linear weights left dense are listed as ``ignore``.
     """
-    patterns, masks = dict(patterns or {}), dict(masks or {})
+    patterns, masks, grids = dict(patterns or {}), dict(masks or {}), dict(grids or {})
     state = model.state_dict()
     fused = fused_experts(model)
     expert_patterns: dict[str, dict[int, Pattern]] = {}
@@ -77,8 +79,8 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLi
             if name in expert_patterns:
                 n, transposed = fused[name]
                 writer.add_experts(name, tensor, expert_patterns[name][0], [masks.get(f"{name}[{e}]") for e in range(n)],
-                                   transposed)
+                                   transposed, [grids.get(f"{name}[{e}]") for e in range(n)])
             else:
-                writer.add(name, tensor, patterns.get(name), masks.get(name))
+                writer.add(name, tensor, patterns.get(name), masks.get(name), grids.get(name))
         generation = model.generation_config if getattr(model, "can_generate", lambda: False)() else None
         return writer.finish(config, tokenizer, {"ignore": ignore}, extra_files, generation)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern, parse_pattern
+from ..quant import parse_quant
 from .codecs import layout_of
 
 FORMATS = ("compressed", "dense")
@@ -21,12 +22,16 @@ def shard_name(i: int, total: int) -> str:
 
 
 def _entry(pattern: Pattern, fmt: str) -> dict[str, Any]:
-    return {
+    entry = {
         "pattern": str(pattern),
         "sparsity": pattern.sparsity,
         "granularity": pattern.granularity,
         "layout": layout_of(pattern) if fmt == "compressed" else "dense",
     }
+    if pattern.quant is not None:  # the grid every kept weight lies on
+        q = pattern.quant
+        entry["quant"] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric}
+    return entry
 
 
 def build(fmt: str, targets: dict[str, Pattern], global_sparsity: float, extra: dict[str, Any] | None,
@@ -55,7 +60,9 @@ def build(fmt: str, targets: dict[str, Pattern], global_sparsity: float, extra: 
 
 def _pattern(entry: dict[str, Any], where: str, fmt: str) -> Pattern:
     try:
-        pattern = parse_pattern(str(entry["pattern"]), float(entry["sparsity"]), entry.get("granularity") or "row")
+        q = entry.get("quant")
+        quant = None if q is None else parse_quant(f"int{int(q['bits'])}", int(q["group_size"]), bool(q["symmetric"]))
+        pattern = parse_pattern(str(entry["pattern"]), float(entry["sparsity"]), entry.get("granularity") or "row", quant)
     except (KeyError, TypeError, ValueError, LLMPruneError) as exc:
         raise LLMPruneError(f"config.json {CONFIG_KEY}: bad pattern entry for {where}: {exc}") from exc
     if entry.get("layout") != _entry(pattern, fmt)["layout"]:

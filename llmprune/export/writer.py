@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern
+from ..quant import Grid
 from . import schema
 from .card import model_card
 from .hf import quantization_entry
@@ -85,10 +86,11 @@ class CheckpointWriter:
             self._buffer.clear()
 
     def add(self, name: str, tensor: torch.Tensor, pattern: Pattern | None = None,
-            mask: torch.Tensor | PackedMask | None = None) -> None:
+            mask: torch.Tensor | PackedMask | None = None, grid: Grid | None = None) -> None:
         """Store ``tensor`` under ``name``; with ``pattern`` it is a pruned weight, verified and (in the
         compressed format) stored as its parts ``<prefix>.compressed`` etc. ``mask`` is the pruner's own
-        mask (bool, or packed): the stored positions are exactly it, never guessed from zeros."""
+        mask (bool, or packed): the stored positions are exactly it, never guessed from zeros. ``grid``: the
+        scales (and zeros) of a quantized pattern, its kept weights verified to lie on them."""
         self._live()
         if name in self._targets:
             raise LLMPruneError(f"{name} was added twice")
@@ -96,25 +98,28 @@ class CheckpointWriter:
         if pattern is None:
             self._put(name, tensor)
             return
-        self._pruned(name, tensor, pattern, mask)
+        self._pruned(name, tensor, pattern, mask, grid)
         if self.fmt != "compressed":
             self._put(name, tensor)
         self._zeros += int((tensor == 0).sum())
         self._numel += tensor.numel()
 
-    def _pruned(self, name: str, weight: torch.Tensor, pattern: Pattern, mask: torch.Tensor | PackedMask | None) -> None:
+    def _pruned(self, name: str, weight: torch.Tensor, pattern: Pattern, mask: torch.Tensor | PackedMask | None,
+                grid: Grid | None = None) -> None:
         """Verify one pruned ``[out, in]`` weight; the compressed format stores its parts."""
         if isinstance(mask, PackedMask):
             mask = mask.unpack()
         if self.fmt == "compressed":
-            for suffix, part in encode(weight, pattern, name, mask).items():
+            for suffix, part in encode(weight, pattern, name, mask, grid).items():
                 self._put(f"{prefix_of(name)}.{suffix}", part)
+        elif pattern.quant is not None and grid is not None:
+            encode(weight, pattern, name, mask, grid)  # the dense format stores the grid values, still verified
         else:
             check(weight, pattern, name)  # the dense format still refuses a weight that breaks its pattern
         self._targets[name] = pattern
 
     def add_experts(self, name: str, tensor: torch.Tensor, pattern: Pattern, masks: list[torch.Tensor | PackedMask | None],
-                    transposed: bool) -> None:
+                    transposed: bool, grids: list[Grid | None] | None = None) -> None:
         """Store a fused 3-D experts tensor whose every expert is a target pruned to ``pattern``; ``masks[e]``
         is expert ``e``'s mask as ``[out, in]`` (``transposed``: the tensor stores ``[E, in, out]``). The
         compressed format stores each expert as its own compressed weight ``name[e]``; the dense format
@@ -125,7 +130,8 @@ class CheckpointWriter:
             raise LLMPruneError(f"{name}: expected a 3-D experts tensor with one mask per expert, got "
                                 f"{tuple(tensor.shape)} and {len(masks)} masks")
         for e, mask in enumerate(masks):
-            self._pruned(f"{name}[{e}]", tensor[e].T if transposed else tensor[e], pattern, mask)
+            self._pruned(f"{name}[{e}]", tensor[e].T if transposed else tensor[e], pattern, mask,
+                         None if grids is None else grids[e])
         if self.fmt != "compressed":
             self._put(name, tensor)
         self._experts[name] = {"num_experts": tensor.shape[0], "transposed": transposed}

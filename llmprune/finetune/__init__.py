@@ -66,6 +66,9 @@ def finetune(model: nn.Module, tokenizer: Any, config: FinetuneConfig, patterns:
     magnitude masks of the current weights). ``teacher``: the dense model for KD / SquareHead.
     ``windows`` (``[n, seqlen]`` token ids) overrides the training text named in ``config``."""
     config.check()
+    if quantized := next((k for k, p in patterns.items() if p.quant is not None), None):
+        raise LLMPruneError(f"finetune: {quantized} is quantized ({patterns[quantized].label}); training would move "
+                            "it off its grid: fine-tune the full-precision pruned model, then quantize")
     if config.needs_teacher and teacher is None:
         raise LLMPruneError("finetune: --kd / --squarehead need a dense teacher (--teacher MODEL)")
     params = dict(model.named_parameters())

@@ -3,6 +3,7 @@
 from .admm import ADMMConfig, admm_prune
 from .base import STATISTICS, LayerStats, Method, PruneResult
 from .objectives import dense_target, paired_error, reconstruction_error
+from .gptq import GPTQConfig, gptq_prune
 from .magnitude import MagnitudeConfig, magnitude_prune
 from .sparsegpt import SparseGPTConfig, sparsegpt_prune
 from .wanda import WandaConfig, wanda_prune
@@ -14,6 +15,8 @@ METHODS: dict[str, Method] = {
         Method(
             "sparsegpt", SparseGPTConfig, sparsegpt_prune, help="OBS column-block update (Frantar & Alistarh 2023)"
         ),
+        Method("gptq", GPTQConfig, gptq_prune, quantizes=True,
+               help="GPTQ: round onto the --quant grid with error feedback, magnitude's support (Frantar et al. 2023)"),
         Method("wanda", WandaConfig, wanda_prune, stats=("input_sq",), weight_update=False, help="|W|·‖x‖ scores, no weight update (Sun et al. 2023)"),
         Method("magnitude", MagnitudeConfig, magnitude_prune, stats=(), weight_update=False, help="|W| scores, data-free"),
     )

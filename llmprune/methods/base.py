@@ -10,7 +10,8 @@ A method is a pure function ``fn(weight, stats, pattern, config) -> PruneResult`
 - ``pattern``: a :class:`llmprune.patterns.Pattern`;
 - ``config``: the method's own dataclass (fields carry ``help`` metadata for the CLI).
 
-It returns the new weight (exact zeros outside the mask) and the boolean mask. Nothing here knows
+It returns the new weight (exact zeros outside the mask) and the boolean mask, and for a pattern with
+quantization (``pattern.quant``) the fitted :class:`~llmprune.quant.Grid` its kept weights lie on. Nothing here knows
 about models, hooks or devices, so every method is testable on a random matrix.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from ..quant import Grid
 
 STATISTICS = ("xtx", "input_sq")
 
@@ -40,6 +42,7 @@ class LayerStats(NamedTuple):
 class PruneResult(NamedTuple):
     weight: torch.Tensor
     mask: torch.Tensor
+    grid: Grid | None = None  # with pattern.quant: the scales (and zeros) the kept weights lie on
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,18 @@ class Method:
     stats: tuple[str, ...] = ("xtx",)  # the statistics (of STATISTICS) the engine must collect for it
     weight_update: bool = True  # such a method's config has ``percdamp`` (used by the engine's dense targets)
     batched: bool = False  # fn also takes ``[E, out, in]`` weights with ``[E, in, in]`` statistics (experts at once)
+    quantizes: bool = False  # it only quantizes: needs pattern.quant (gptq)
     help: str = ""
 
     def default_config(self, **overrides: Any) -> Any:
         known = {f.name for f in fields(self.config_cls)}
         return self.config_cls(**{k: v for k, v in overrides.items() if k in known})
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor, pattern: Any) -> PruneResult:
+    """``weight`` cut to ``mask``; with ``pattern.quant`` its kept weights rounded to nearest on their fitted
+    grid (RTN, for the methods that do not update weights)."""
+    if pattern.quant is None:
+        return PruneResult(weight * mask, mask)
+    w, grid = pattern.quant.project(weight, mask)
+    return PruneResult(w, mask, grid)

@@ -34,12 +34,20 @@ class ADMMConfig:
     percdamp: float = field(
         default=0.1, metadata={"help": "damping added to XᵀX, as a fraction of its mean diagonal"}
     )
+    quant_from: int = field(
+        default=0, metadata={"help": "with --quant: first iteration whose projection also rounds onto the grid "
+                                     "(Π_quant ∘ Π_pattern); earlier ones project onto the pattern only"}
+    )
+    sweep_percdamp: float = field(
+        default=0.01, metadata={"help": "with --quant: damping of the final GPTQ sweep that rounds the kept weights "
+                                        "onto the grid on the final mask, with error feedback"}
+    )
 
     def __post_init__(self) -> None:
         if min(self.iters, self.ramp_steps, self.rho_updates, self.final_cg_iters) < 0:
             raise LLMPruneError("admm: iters, ramp_steps, rho_updates and final_cg_iters must be >= 0")
-        if self.rho <= 0 or self.rho_start <= 0 or self.percdamp < 0:
-            raise LLMPruneError("admm: rho and rho_start must be > 0 and percdamp >= 0")
+        if self.rho <= 0 or self.rho_start <= 0 or self.percdamp < 0 or self.sweep_percdamp < 0 or self.quant_from < 0:
+            raise LLMPruneError("admm: rho and rho_start must be > 0; percdamp, sweep_percdamp and quant_from >= 0")
 
     @classmethod
     def paper(cls) -> ADMMConfig:

@@ -10,6 +10,11 @@ Beyond the paper (each measured in benchmarks/NOTES_admm.md): ρ starts small an
 to its final value over the ramp, so early mask choices follow the unconstrained optimum more closely,
 and once the mask is frozen the kept weights are re-solved exactly by masked conjugate gradient.
 
+Quantization (``pattern.quant``): the projection becomes Π_quant ∘ Π_pattern, the support chosen first,
+then the kept weights rounded onto their group grid (scales fitted on them, in the original weight
+space), from iteration ``quant_from``; after the final re-solve a GPTQ sweep on the final mask puts the
+kept weights exactly on the grid, with error feedback (:func:`~llmprune.methods.sparsegpt.prune.obs_sweep`).
+
 Batched: ``weight [E, out, in]`` with ``xtx [E, in, in]`` solves E independent layers (the experts of a
 fused MoE tensor) in one set of batched matmuls and Cholesky factorisations, each exactly as alone.
 """
@@ -21,6 +26,8 @@ import torch
 from ...patterns import Pattern
 from ..base import LayerStats, PruneResult
 from ..linalg import damped, spd_inverse
+from ...quant import Grid
+from ..sparsegpt.prune import obs_sweep
 from .cg import masked_cg
 from .config import ADMMConfig
 
@@ -50,7 +57,8 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
     if xtx is None:
         raise ValueError("admm needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape[-2:])
-    if pattern.sparsity == 0:
+    quant = pattern.quant
+    if pattern.sparsity == 0 and quant is None:
         return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
     norm = xtx.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt() + 1e-8
     h = damped(xtx / norm.unsqueeze(-2) / norm.unsqueeze(-1), config.percdamp)
@@ -71,6 +79,8 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
             u = u * (rho / new_rho)  # U is the dual scaled by 1/ρ: keep the unscaled dual fixed
             rho, h_inv = new_rho, _ridge_inverse(h, new_rho)
         z = (w + u) * mask
+        if quant is not None and it >= config.quant_from:
+            z = quant.project(z / norm.unsqueeze(-2), mask)[0] * norm.unsqueeze(-2)
         u = u + (w - z)
         w = (target + rho * (z - u)) @ h_inv
     z = (w + u) * mask
@@ -79,4 +89,10 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
     out = z / norm.unsqueeze(-2)
     if not torch.isfinite(out).all():
         raise FloatingPointError("admm produced non-finite weights (non-finite weights or activations?)")
-    return PruneResult(out, mask)
+    if quant is None:
+        return PruneResult(out, mask)
+    if out.dim() == 3:
+        sweeps = [obs_sweep(o, x, pattern, 128, config.sweep_percdamp, m) for o, x, m in zip(out, xtx, mask)]
+        return PruneResult(torch.stack([r.weight for r in sweeps]), mask,
+                           Grid(*(torch.stack([getattr(r.grid, f) for r in sweeps]) for f in Grid._fields)))
+    return obs_sweep(out, xtx, pattern, 128, config.sweep_percdamp, mask)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...patterns import Pattern
-from ..base import LayerStats, PruneResult
+from ..base import LayerStats, PruneResult, masked
 
 
 @dataclass
@@ -17,4 +17,4 @@ class MagnitudeConfig:
 
 def magnitude_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config: MagnitudeConfig) -> PruneResult:
     mask = pattern.project(weight.abs())
-    return PruneResult(weight * mask, mask)
+    return masked(weight, mask, pattern)

@@ -5,7 +5,9 @@ is corrected by spreading ``err = (w − q) / Hinv[i, i]`` over the not-yet-proc
 ``Hinv[i, i:]``. Updates inside a block of ``blocksize`` columns are applied eagerly, the rest lazily
 once per block. Masks are chosen as late as possible, from the already-updated weights, with the OBS
 saliency ``w² / Hinv[i, i]²``: per block for unstructured sparsity, per ``M`` (N:M) or ``C`` (RxC:K)
-columns for structured patterns.
+columns for structured patterns. With ``pattern.quant`` the kept weights are also rounded onto the group
+grid column by column, with the same error feedback (the paper's joint sparsify + quantize mode; GPTQ is
+this sweep on a fixed support).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern, count
+from ...quant import Grid
 from ..base import LayerStats, PruneResult
 from ..linalg import damped, spd_inverse
 from .config import SparseGPTConfig
@@ -47,8 +50,21 @@ def sparsegpt_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, c
     if xtx is None:
         raise ValueError("sparsegpt needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape)
-    if pattern.sparsity == 0:
+    if pattern.sparsity == 0 and pattern.quant is None:
         return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
+    return obs_sweep(weight, xtx, pattern, config.blocksize, config.percdamp)
+
+
+def obs_sweep(weight: torch.Tensor, xtx: torch.Tensor, pattern: Pattern, blocksize: int, percdamp: float,
+              keep: torch.Tensor | None = None) -> PruneResult:
+    """The OBS column sweep: each column is pruned (and, with ``pattern.quant``, its kept weights rounded onto
+    the grid) and the error spread over the columns to its right.
+
+    Without ``keep`` the mask is chosen on the way (SparseGPT); with ``keep`` it is fixed (GPTQ on a given
+    support). With quantization each group's grid is fitted, GPTQ-style, on the group's kept weights as
+    they stand when the sweep reaches the group; structured masks are then chosen a whole quantization
+    group at a time, so that the grid is fitted on exactly the weights it will hold (SparseGPT's joint mode).
+    """
     in_f = weight.shape[1]
     w = weight.clone()
     h = xtx.clone()
@@ -57,12 +73,16 @@ def sparsegpt_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, c
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, config.percdamp)
-
-    group = {"nm": pattern.m, "tile": pattern.c}.get(pattern.kind, 0)
-    # Structured groups must not straddle blocks.
-    bs = max(group, config.blocksize // group * group) if group else max(1, config.blocksize)
-    pruned = torch.zeros_like(w, dtype=torch.bool)
+    hinv = _inverse_cholesky(h, percdamp)
+    quant = pattern.quant
+    gs = quant.group_len(in_f) if quant is not None else 0
+    group = 0 if not pattern.structured else (gs or pattern.unit)  # columns whose masks are chosen together
+    unit = max(group, gs)
+    # Mask and quantization groups must not straddle blocks.
+    bs = max(unit, blocksize // unit * unit) if unit else max(1, blocksize)
+    pruned = torch.zeros_like(w, dtype=torch.bool) if keep is None else ~keep
+    choose = keep is None and pattern.sparsity > 0
+    scales, zeros = [], []
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         w1 = w[:, i1:i2].clone()
@@ -70,18 +90,28 @@ def sparsegpt_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, c
         d = torch.diag(hinv1)
         err1 = torch.zeros_like(w1)
         p1 = pruned[:, i1:i2]
-        if not group:
+        if choose and not group:
             p1 |= _unstructured_block_mask(w1**2 / d**2, pattern, i1, i2)
         for i in range(i2 - i1):
-            if group and i % group == 0:
+            if choose and group and i % group == 0:
                 scores = w1[:, i : i + group] ** 2 / d[i : i + group] ** 2
                 p1[:, i : i + group] = ~pattern.project(scores)
             col = w1[:, i]
-            err = torch.where(p1[:, i], col, 0.0) / d[i]
+            if quant is None:
+                new = torch.where(p1[:, i], 0.0, col)
+            else:
+                if i % gs == 0:
+                    grid = quant.fit(w1[:, i : i + gs], ~p1[:, i : i + gs])
+                    scales.append(grid.scale)
+                    zeros.append(grid.zero)  # [out, 1]: the group's grid
+                new = torch.where(p1[:, i], 0.0, quant.round_with(col, grid.scale[:, 0], grid.zero[:, 0]))
+            err = (col - new) / d[i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = new
             err1[:, i] = err
-        w[:, i1:i2] = w1.masked_fill(p1, 0.0)
+        w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if not torch.isfinite(w).all():
         raise FloatingPointError("sparsegpt produced non-finite weights (non-finite inputs, or raise percdamp)")
-    return PruneResult(w, ~pruned)
+    grid = None if quant is None else Grid(torch.cat(scales, 1), torch.cat(zeros, 1))
+    return PruneResult(w, ~pruned, grid)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...patterns import Pattern
-from ..base import LayerStats, PruneResult
+from ..base import LayerStats, PruneResult, masked
 
 
 @dataclass
@@ -20,4 +20,4 @@ def wanda_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, confi
         raise ValueError("wanda needs calibration statistics (the input norms)")
     norms = stats.input_sq.clamp_min(0).sqrt()
     mask = pattern.project(weight.abs() * norms.unsqueeze(0))
-    return PruneResult(weight * mask, mask)
+    return masked(weight, mask, pattern)
