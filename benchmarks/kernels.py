@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--m", type=lambda s: [int(t) for t in csv(s)], default=[1, 4, 16, 64, 2048, 8192])
     ap.add_argument("--dtypes", type=csv, default=["fp16", "bf16"])
     ap.add_argument("--formats", type=csv, default=["2:4", "4x4:8"])
+    ap.add_argument("--int4", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the int4 decode kernel (dense int4 and 2:4 + int4, g128) at M <= 16")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per case (median reported)")
     ap.add_argument("--e2e", action="store_true", help="run only the end-to-end decode benchmark")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the e2e model (7B has 32)")
@@ -128,6 +130,7 @@ def magnitude_prune(weight: torch.Tensor, pattern: object) -> torch.Tensor:
 def layer_cases(args: argparse.Namespace, device: str, sha: str) -> Iterator[list[dict]]:
     """The rows of one shape (all dtypes, M, formats and kernels) at a time."""
     from llmprune.kernels import SparseLinear, cusparselt
+    from llmprune.kernels.int4 import int4_mm, quantize
     from llmprune.kernels.dispatch import layout_key
     from llmprune.kernels.linear import _triton
     from llmprune.patterns import parse_pattern
@@ -154,6 +157,7 @@ def layer_cases(args: argparse.Namespace, device: str, sha: str) -> Iterator[lis
                                 and cusparselt.supports((n, k), dtype))
                     mods[spec] = (pruned, mod, cusparselt.CusparseltWeight(pruned) if use_cslt else None)
                 semi = _torch_semi(mods["2:4"][0]) if "2:4" in mods and dev == "cuda" else None
+                int4 = {"int4": quantize(w, 128, False), "2:4+int4": quantize(w, 128, True)} if args.int4 else {}
                 for m in args.m:
                     x = torch.randn(m, k, device=dev, dtype=dtype)
                     es = x.element_size()
@@ -188,7 +192,12 @@ def layer_cases(args: argparse.Namespace, device: str, sha: str) -> Iterator[lis
                             ok = torch.allclose(fn().float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
                             rows.append(row(fmt, kernel, time_us(fn, args.reps, dev), nbytes, ok))
                         print(f"  {set_name}.{shape_name} {dname} M={m} {spec}: done", file=sys.stderr)
-                del mods, semi, w
+                    for fmt, q in int4.items() if m <= 16 else ():  # decode only: the kernel's regime
+                        ref = F.linear(x, q.dequantize().to(dtype))
+                        out = int4_mm(x, q)
+                        ok = torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+                        rows.append(row(fmt, "triton_int4", time_us(lambda: int4_mm(x, q), args.reps, dev), q.nbytes, ok))
+                del mods, semi, w, int4
                 if dev == "cuda":
                     torch.cuda.empty_cache()
             yield rows
@@ -218,16 +227,22 @@ def build_llama(layers: int, shape: str = "7b", device: str = "cuda", dtype: tor
 
 @torch.no_grad()
 def sparsify(model: torch.nn.Module, spec: str) -> None:
-    """Swap every decoder Linear for a SparseLinear of its magnitude-pruned weight."""
+    """Swap every decoder Linear for a SparseLinear of its magnitude-pruned weight (``int4`` / ``2:4+int4``:
+    an Int4Linear of it rounded onto an int4 g128 grid)."""
     from llmprune.kernels import SparseLinear
+    from llmprune.kernels.int4 import Int4Linear, quantize
     from llmprune.patterns import parse_pattern
 
-    pat = parse_pattern(spec)
+    pat = None if spec.endswith("int4") else parse_pattern(spec)
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name in LLAMA_LINEARS:
                 lin = getattr(block, name, None)
-                if lin is not None:
+                if lin is None:
+                    continue
+                if pat is None:
+                    setattr(block, name, Int4Linear(quantize(lin.weight, 128, spec == "2:4+int4"), lin.bias))
+                else:
                     setattr(block, name, SparseLinear.from_weight(magnitude_prune(lin.weight, pat), pat, lin.bias))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -300,7 +315,7 @@ def e2e_cases(args: argparse.Namespace, device: str, sha: str) -> Iterator[list[
     """The rows of one variant (dense, then each format) at a time."""
     dev, shape = args.device, "tiny" if args.dry_run else "7b"
     dense_tps: dict[int, float] = {}
-    for spec in ["dense", *args.formats]:
+    for spec in ["dense", *args.formats, *(["int4", "2:4+int4"] if args.int4 else [])]:
         rows = []
         model = build_llama(args.layers, shape, dev, torch.float16 if dev == "cuda" else torch.float32)
         if spec != "dense":

@@ -27,12 +27,12 @@ def _load(name: str) -> Any:
     return json.loads((RESULTS / name).read_text())
 
 
-def _rows(where: dict[str, Any], device: str, variant: str) -> dict[tuple[str, str], dict]:
-    """The newest row per (method, pattern) of one protocol, device kind and variant."""
+def _rows(where: dict[str, Any], device: str, variant: str, quant: str | None = None) -> dict[tuple[str, str], dict]:
+    """The newest row per (method, pattern) of one protocol, device kind, variant and quantization."""
     out: dict[tuple[str, str], dict] = {}
     for r in _load("quality.json")["rows"]:
         if all(r.get(k) == v for k, v in where.items()) and r["device"].startswith(device) and (
-                r["variant"] == variant or r["method"] == "dense"):
+                r["variant"] == variant and r.get("quant") == quant or r["method"] == "dense"):
             out[(r["method"], r["pattern"])] = r
     return out
 
@@ -105,6 +105,20 @@ def shrunk_options() -> str:
                                            ("tune5 lr1e-4 bs2", "`--tune-epochs 5 --tune-lr 1e-4`"),
                                            ("tune5 lr3e-4 bs2", "`--tune-epochs 5 --tune-lr 3e-4`")],
                     COLUMNS[:4], seconds=False)
+
+
+def quant() -> str:
+    """Sparse + int4 (g128, symmetric) on the shrunk CPU protocol, beside the full-precision admm rows."""
+    columns = ["0%", "2:4", "4x4:8", "50%"]
+    fp, rows = _rows(SHRUNK, "x86_64 CPU", "default"), _rows(SHRUNK, "x86_64 CPU", "default", "int4g128")
+    body = [["dense", *[_ppl(fp.get(("dense", "dense")))] * len(columns)],
+            ["admm, full precision (no --quant)", "–", *[_ppl(fp.get(("admm", c))) for c in columns[1:]]]]
+    labels = {"admm": "**admm joint** (Π_quant ∘ Π_pattern)", "sparsegpt": "sparsegpt joint",
+              "admm+gptq": "admm, then gptq (the naive chain)", "gptq": "gptq (magnitude support)"}
+    for m, label in labels.items():
+        if any((m, c) in rows for c in columns):
+            body.append([label, *[_ppl(rows.get((m, c)), bold=m == "admm") for c in columns]])
+    return _table(["+ int4 g128", *columns], body)
 
 
 def size() -> str:
@@ -194,7 +208,7 @@ def coverage() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
-                                        "size": size}
+                                        "size": size, "quant": quant}
 # a block's body never spans another block's start, so an empty body cannot swallow the text after it
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>(?:(?!<!-- table:).)*?)(<!-- /table -->)", re.S)
 

@@ -35,7 +35,8 @@ class PruneConfig:
                       choices=("none", "int4", "int8"))
     group_size: int = _opt(128, "--quant: input columns sharing one fp16 scale (-1: one per output row); a multiple "
                                 "of the pattern's group width (M of N:M, C of RxC:K)")
-    asym: bool = _opt(False, "--quant: asymmetric grid (scale and integer zero point per group) instead of symmetric")
+    sym: bool = _opt(False, "--quant: symmetric grid (a scale per group, zero fixed at the middle code) instead of the "
+                            "default asymmetric one (scale and integer zero point; measured better: NOTES_admm.md §12)")
     allocation: str = _opt("uniform", "sparsity per decoder block: the same everywhere, or 'owl' (outlier-weighted: "
                                       "blocks with more outliers keep more weights; unstructured only)",
                            choices=("uniform", "owl"))
@@ -76,7 +77,7 @@ class PruneConfig:
 
     def resolved_pattern(self) -> Pattern:
         return parse_pattern(self.pattern, self.sparsity, self.granularity,
-                             parse_quant(self.quant, self.group_size, not self.asym))
+                             parse_quant(self.quant, self.group_size, self.sym))
 
     def method_config(self) -> Any:
         method = METHODS[self.method]

@@ -81,8 +81,6 @@ class Pattern:
             raise LLMPruneError(
                 f"{name}: shape {out_f}x{in_f} is not divisible by the {self.r}x{self.c} tiles of pattern {self}"
             )
-        if self.quant is not None:
-            self.quant.check_shape(in_f, self.unit, name)
 
     def group_shape(self, shape: tuple[int, ...] | torch.Size) -> tuple[int, int, int]:
         """``[rows of groups, groups per row, group size]`` of an ``[out, in]`` weight: the comparison groups
@@ -199,6 +197,8 @@ def parse_pattern(spec: str, sparsity: float | None = None, granularity: str = "
         pattern = Pattern("tile", 1.0 - k / (r * c), r=r, c=c, k=k, quant=quant)
     else:
         raise LLMPruneError(f"unknown pattern {spec!r}: use 'unstructured', 'N:M' (e.g. 2:4) or 'RxC:K' (e.g. 4x4:8)")
+    if quant is not None:
+        quant.check_unit(pattern.unit, str(pattern))
     if sparsity is not None and abs(sparsity - pattern.sparsity) > 1e-6:
         raise LLMPruneError(
             f"pattern {pattern} implies sparsity {pattern.sparsity:g}, but --sparsity {sparsity:g} was given"

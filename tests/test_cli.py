@@ -155,3 +155,26 @@ def test_llmprune_commit_names_the_commit_of_a_copied_tree(monkeypatch):
 
     monkeypatch.setenv("LLMPRUNE_COMMIT", "abc1234")
     assert environment()["commit"] == "abc1234"
+
+
+def test_quantized_run_saves_a_packed_checkpoint_that_inspects_clean(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "int4"
+    argv = _tiny(tiny_model_dir, "--calib", str(text_file), "--pattern", "2:4", "--quant", "int4", "--group-size", "32",
+                 "--sym", "--save", str(out))
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "2:4+int4g32s" in capsys.readouterr().out
+    sc = json.loads((out / "config.json").read_text())["sparsity_config"]
+    assert sc["layout"] == "sparse-24-bitmask+int4" and sc["quant"] == {"bits": 4, "group_size": 32, "symmetric": True}
+    assert json.loads((out / "llmprune_run.json").read_text())["prune"]["quant"]["bits"] == 4
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--pattern", "2:4", "--quant", "int4", "--group-size", "6"], "multiple of pattern 2:4's group width 4"),
+    (["--method", "gptq"], "gptq quantizes"),
+    (["--quant", "int4", "--finetune-tokens", "64"], "off the --quant grid"),
+    (["--quant", "int3"], "invalid choice"),
+])
+def test_impossible_quantization_is_refused(capsys, tiny_model_dir, extra, match):
+    _fails(capsys, _tiny(tiny_model_dir, *extra), match)

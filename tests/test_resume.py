@@ -129,6 +129,7 @@ def _interrupted_run(monkeypatch, src: Path, work: str, n: int, **kw) -> None:
     dict(dense_targets=True),  # both activation streams are saved
     dict(pattern="unstructured", sparsity=0.6, allocation="owl", owl_lambda=0.1),  # the allocation is saved
     dict(tune_epochs=2, tune_lr=1e-3),  # tuned blocks are saved, and their tuning errors
+    dict(quant="int4", group_size=32),  # the grids are saved
 ])
 def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     work = str(tmp_path / "work")
@@ -145,6 +146,8 @@ def test_in_memory_run_resumes_bit_identical(tmp_path, src, monkeypatch, extra):
     ref_record = ref_result.record
     assert result.masks.keys() == ref_result.masks.keys()  # restored blocks' masks come back from the work dir
     assert all(torch.equal(result.masks[k].unpack(), ref_result.masks[k].unpack()) for k in result.masks)
+    assert result.grids.keys() == ref_result.grids.keys()
+    assert all(torch.equal(a, b) for k in result.grids for a, b in zip(result.grids[k], ref_result.grids[k]))
     assert record.get("allocation") == ref_record.get("allocation") and record.get("tune") == ref_record.get("tune")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ref.state_dict().values()))
 

@@ -66,6 +66,7 @@ def test_captured_inputs_equal_the_in_memory_path(tmp_path, tokenizer, arch, dty
     ("sparsegpt", "4x4:8", None, dict(num_hidden_layers=3), dict(dense_targets=True, sequential=True)),
     ("admm", "unstructured", 0.6, dict(num_hidden_layers=3), dict(allocation="owl", owl_lambda=0.1)),  # mixed sparsities
     ("admm", "2:4", None, dict(num_hidden_layers=3), dict(tune_epochs=2, tune_lr=1e-3)),  # block reconstruction
+    ("admm", "2:4", None, dict(num_hidden_layers=2), dict(quant="int4", group_size=32)),  # sparse + int4 codes
 ])
 def test_streamed_result_equals_in_memory(tmp_path, tokenizer, method, pattern, sparsity, layout, extra):
     src = _save(tmp_path / "m", tokenizer, **layout)

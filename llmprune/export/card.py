@@ -22,9 +22,11 @@ def model_card(fmt: str, targets: dict[str, Pattern], sparsity: float, record: d
     run record (CLI or API), when there is one."""
     record = record or {}
     cfg = record.get("config", {})
-    patterns = sorted({str(p) if p.structured else f"{p.sparsity:.0%} unstructured" for p in targets.values()})
+    patterns = sorted({(str(p) if p.structured else f"{p.sparsity:.0%} unstructured")
+                       + ("" if p.quant is None else f" + {p.quant}") for p in targets.values()})
+    quantized = any(p.quant is not None for p in targets.values())
     front = ["---", "library_name: transformers", "tags:", "- llmprune", "- pruned", "- sparse",
-             *[f"- {p.replace(' ', '-')}" for p in patterns]]
+             *(["- quantized"] if quantized else []), *[f"- {p.replace(' + ', '-').replace(' ', '-')}" for p in patterns]]
     if base := _base_model(str(record.get("model", ""))):
         front += [f"base_model: {base}"]
     if license:

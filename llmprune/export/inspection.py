@@ -20,7 +20,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = Checkpoint(path)
     layers, errors = [], []
     for name, pattern in ckpt.targets.items():
-        row: dict[str, Any] = {"name": name, "pattern": str(pattern), "declared_sparsity": pattern.sparsity,
+        row: dict[str, Any] = {"name": name, "pattern": pattern.label, "declared_sparsity": pattern.sparsity,
                                "sparsity": None, "dense_bytes": None, "stored_bytes": ckpt.stored_size(name),
                                "ok": True, "error": None}
         try:

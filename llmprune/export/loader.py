@@ -118,9 +118,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
             continue
         mask = ckpt.mask(name)  # the pruner's own positions, never guessed from zeros
         if kernels and pattern.quant is not None:
-            raise LLMPruneError(f"{name}: kernels=True does not run quantized ({pattern.label}) weights yet; "
-                                "use compressed_modules=True or the default dense load")
-        if kernels:
+            from ..kernels.int4 import Int4Linear, from_parts
+
+            try:
+                packed = from_parts(ckpt.parts(name), pattern)
+            except ValueError as exc:
+                raise LLMPruneError(f"{name}: {exc}") from exc
+            swapped = Int4Linear(packed, None if linear.bias is None else linear.bias.detach())
+        elif kernels:
             swapped = sparse_linear.from_weight(linear.weight.detach().to(device), pattern,
                                                 None if linear.bias is None else linear.bias.detach().to(device),
                                                 mask=mask.to(device))

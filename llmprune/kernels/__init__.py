@@ -6,10 +6,13 @@ and everything falls back to a pure-torch decompress-and-matmul path elsewhere. 
 
 from .dispatch import DispatchTable, default_table
 from .formats import Layout, PackedWeight, layout_for, pack, unpack
+from .int4 import Int4Linear, Int4Weight
 from .linear import HAS_TRITON, SparseLinear
 
 __all__ = [
     "HAS_TRITON",
+    "Int4Linear",
+    "Int4Weight",
     "DispatchTable",
     "Layout",
     "PackedWeight",
