@@ -45,16 +45,18 @@ class Decompress(ConversionOps):
     """One pruned weight's stored parts -> its dense weight, verified against the declared pattern."""
 
     def __init__(self, quantizer: LLMPruneQuantizer) -> None:
-        self.quantizer = quantizer
+        # Under this name transformers hands the parts over as stored, uncast (HfQuantizer.get_new_dtype): an
+        # fp16 scale cast to bf16 first would decode to other weights. The decoded weight is cast here.
+        self.hf_quantizer = quantizer
 
     def convert(self, input_dict: dict[str, Any], model: torch.nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         parts = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
-        pattern = self.quantizer.targets(model).get(full_layer_name)
+        pattern = self.hf_quantizer.targets(model).get(full_layer_name)
         if pattern is None:
             raise LLMPruneError(f"{full_layer_name}: stored as compressed parts but not a declared target")
         weight = decode(parts, pattern, full_layer_name)
-        return {"weight": weight if pattern.quant is None or model is None else weight.to(model.dtype)}
+        return {"weight": weight if model is None else weight.to(model.get_parameter(full_layer_name).dtype)}
 
 
 @register_quantizer(QUANT_METHOD)
