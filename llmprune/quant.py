@@ -79,27 +79,41 @@ class QuantSpec:
     def fit(self, w: torch.Tensor, keep: torch.Tensor) -> Grid:
         """The grid of ``w`` (``[..., out, in]``) fitted on its ``keep`` positions; scales rounded to fp16,
         the range shrunk by the factor of ``SHRINK`` with the least rounding error per group."""
+        return self._fit(self._grouped(torch.where(keep, w.float(), 0.0)))
+
+    def _fit(self, g: torch.Tensor) -> Grid:
+        """:meth:`fit` on grouped weights ``g`` that are 0 wherever not kept (0 rounds to 0 on every grid,
+        so those positions add no error)."""
+        if self.symmetric:
+            base, lo = g.abs().amax(-1) / (2 ** (self.bits - 1) - 1), None
+        else:
+            lo = g.amin(-1)  # 0 is always in range: the grid holds it exactly
+            base = (g.amax(-1) - lo) / self.top
         best, best_err = None, None
         for shrink in SHRINK:
-            grid = self._minmax(w * shrink, keep)
-            err = self._grouped(torch.where(keep, self.round(w, grid) - w.float(), 0.0) ** 2).sum(-1)
+            scale = _fp16(base * shrink)
+            zero = (torch.full_like(scale, 2 ** (self.bits - 1)) if lo is None
+                    else torch.round(-lo * shrink / scale).clamp(0, self.top))
+            err = (self._round_grouped(g, scale, zero) - g).square().sum(-1)
             if best is None:
-                best, best_err = grid, err
+                best, best_err = Grid(scale, zero), err
                 continue
             better = err < best_err  # ties keep the larger range, so a projected weight finds its own grid
-            best = Grid(torch.where(better, grid.scale, best.scale), torch.where(better, grid.zero, best.zero))
+            best = Grid(torch.where(better, scale, best.scale), torch.where(better, zero, best.zero))
             best_err = torch.minimum(err, best_err)
         return best
 
+    def _round_grouped(self, g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self.round_with(g, scale.unsqueeze(-1), zero.unsqueeze(-1))
+
     def _minmax(self, w: torch.Tensor, keep: torch.Tensor) -> Grid:
-        g, k = self._grouped(w.float()), self._grouped(keep)
+        """The plain min-max (absmax) grid, no range search (what the search is measured against)."""
+        g = self._grouped(torch.where(keep, w.float(), 0.0))
         if self.symmetric:
-            amax = torch.where(k, g.abs(), 0.0).amax(-1)
-            scale = _fp16(amax / (2 ** (self.bits - 1) - 1))
+            scale = _fp16(g.abs().amax(-1) / (2 ** (self.bits - 1) - 1))
             return Grid(scale, torch.full_like(scale, 2 ** (self.bits - 1)))
-        lo = torch.where(k, g, 0.0).amin(-1)  # 0 is always in range: the grid holds it exactly
-        hi = torch.where(k, g, 0.0).amax(-1)
-        scale = _fp16((hi - lo) / self.top)
+        lo = g.amin(-1)
+        scale = _fp16((g.amax(-1) - lo) / self.top)
         return Grid(scale, torch.round(-lo / scale).clamp(0, self.top))
 
     def codes(self, w: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -144,8 +158,10 @@ class QuantSpec:
 
     def project(self, w: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """Π_quant: fit the grid on the kept weights and round them onto it; pruned positions become 0."""
-        grid = self.fit(w, keep)
-        return torch.where(keep, self.round(w, grid), 0.0), grid
+        g = self._grouped(torch.where(keep, w.float(), 0.0))
+        grid = self._fit(g)
+        rounded = self._round_grouped(g, grid.scale, grid.zero)
+        return rounded.reshape(*w.shape[:-1], -1)[..., : w.shape[-1]], grid
 
     def off_grid(self, w: torch.Tensor, keep: torch.Tensor, grid: Grid) -> int:
         """How many kept weights of ``w`` are not exactly (in ``w``'s dtype) on ``grid``."""

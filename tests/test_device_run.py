@@ -29,8 +29,9 @@ def test_dry_run_every_stage(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "kernels.json").read_text())
     assert all(r.get("ok", True) for r in rows) and all(r["device"] and r["commit"] for r in rows)
     layer = [r for r in rows if not r.get("e2e")]
-    assert {r["kernel"] for r in layer} >= {"copy", "cublas", "triton", "dense"} and layer[0]["kernel"] == "copy"
-    assert {r["format"] for r in rows if r.get("e2e")} == {"dense", "2:4", "4x4:8"}
+    assert {r["kernel"] for r in layer} >= {"copy", "cublas", "triton", "dense", "triton_int4"} and layer[0]["kernel"] == "copy"
+    assert {r["format"] for r in layer if r["kernel"] == "triton_int4"} == {"int4", "2:4+int4"}
+    assert {r["format"] for r in rows if r.get("e2e")} == {"dense", "2:4", "4x4:8", "int4", "2:4+int4"}
     assert json.loads((tmp_path / "dispatch.json").read_text())  # a dispatch table derived from the grid
     (scale,) = json.loads((tmp_path / "scale.json").read_text())["rows"]
     assert scale["sparsity"] == pytest.approx(0.5) and scale["blocks"] == scale["blocks_total"]
