@@ -9,6 +9,7 @@ matrices they cover, and what stays dense (routers, anything else of >= 1 % of a
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -75,15 +76,18 @@ def row(arch: str) -> dict:
                 listed=[_generic(d["name"]) for d in untargeted(block, where)])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
     env = environment()
     rows = [row(a) for a in ARCHS]
-    write_json_atomic(RESULTS, {"benchmark": "benchmarks/coverage.py", "command": "python benchmarks/coverage.py",
-                                "env": env, "rows": rows})
+    write_json_atomic(args.out, {"benchmark": "benchmarks/coverage.py", "command": "python benchmarks/coverage.py",
+                                 "env": env, "rows": rows})
     print(markdown_table(["arch", "Linears", "expert matrices", "share of block weights", "dense"],
                          [[r["arch"], r.get("linears", "-"), r.get("experts", "-"), r.get("share", "-"),
                            r.get("refused") or ", ".join(r["dense"]) or "-"] for r in rows]))
-    print(json.dumps({"written": str(RESULTS)}))
+    print(json.dumps({"written": str(args.out)}))
     return 0
 
 

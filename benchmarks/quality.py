@@ -47,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: bundled SmolLM2-135M-Instruct GGUF")
     p.add_argument("--methods", default="admm,sparsegpt,wanda,magnitude")
-    p.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma list of {', '.join(PATTERNS)}")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma list of " + ", ".join(PATTERNS).replace("%", "%%"))
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None, help="default: all (148 for SmolLM2)")
