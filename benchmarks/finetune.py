@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--note", default=None, help="free text stored with the rows (e.g. that other jobs shared the CPU)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                    change=after["wikitext2"] / before["wikitext2"] - 1, finetune_seconds=round(seconds, 1),
                    row_seconds=round(time.perf_counter() - t0, 1), trained_tokens=tuned.record["tokens"],
                    val=tuned.record["val"], peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-                   command=" ".join(["python", *sys.argv]))
+                   command=" ".join(["python", *sys.argv]), **({"note": args.note} if args.note else {}))
         rows = [r for r in rows if not all(r.get(k) == row[k] for k in KEY)] + [row]
         write_json_atomic(out, {"benchmark": "benchmarks/finetune.py", "env": env, "rows": rows})
         print(f"{spec}: ppl {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ({row['change']:+.1%}) "
