@@ -249,9 +249,9 @@ def test_plain_from_pretrained_decodes_the_compressed_format(tmp_path: Path, tie
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(TOKENS).logits, want)
 
 
-def test_from_pretrained_without_llmprune_names_it(tmp_path: Path) -> None:
-    """transformers (5.24) skips an unknown quantization method with a warning rather than failing: the
-    warning at least names llmprune (FORMAT.md says what follows: random pruned weights)."""
+def test_from_pretrained_without_llmprune_fails_loudly(tmp_path: Path) -> None:
+    """transformers (5.24) only warns about an unknown quantization method; the empty guard stored under each
+    pruned weight's name turns what would be a randomly initialised weight into a size-mismatch error."""
     import subprocess
     import sys
 
@@ -259,7 +259,27 @@ def test_from_pretrained_without_llmprune_names_it(tmp_path: Path) -> None:
     out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, "plain transformers loaded a compressed checkpoint (random pruned weights)"
     assert "Unknown quantization type, got llmprune" in proc.stderr, proc.stderr[-2000:]
+    assert "ignore_mismatched_sizes" in proc.stderr and "up_proj.weight" in proc.stderr
+
+
+def test_checkpoints_without_guards_still_load(tmp_path: Path) -> None:
+    """Compressed checkpoints written before the guard tensors existed read exactly as before."""
+    model, patterns = tiny_llama(tied=False, mixed=False)
+    out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        tensors = load_file(out / shard)
+        assert all(tensors[n].numel() == 0 for n in patterns if n in tensors)
+        save_file({k: v for k, v in tensors.items() if k not in patterns}, out / shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in patterns}
+    index["metadata"]["llmprune_crc32"] = {k: v for k, v in index["metadata"]["llmprune_crc32"].items()
+                                           if k not in patterns}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    want = model(TOKENS).logits
+    assert torch.equal(load(out)(TOKENS).logits, want)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(TOKENS).logits, want)
 
 
 def test_kernels_without_cuda_is_a_clear_error(tmp_path: Path) -> None:

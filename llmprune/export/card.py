@@ -66,7 +66,8 @@ def model_card(fmt: str, targets: dict[str, Pattern], sparsity: float, record: d
     else:
         lines += ["The compressed format stores only the kept weights and their positions "
                   "(`llmprune/export/FORMAT.md`). After `import llmprune`, plain "
-                  "`AutoModelForCausalLM.from_pretrained(\"PATH\")` decodes it too (a dense model); for tools "
+                  "`AutoModelForCausalLM.from_pretrained(\"PATH\")` decodes it too (a dense model; without llmprune it "
+                  "fails on a size mismatch rather than load random weights); for tools "
                   "without llmprune (vLLM, llm-compressor) save with `--format dense`.", ""]
     return "\n".join(lines)
 

@@ -33,6 +33,12 @@ PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 QUANT_PARTS = ("codes", "grid_scale", "grid_zero")  # a quantized weight's codes and grid (export/quantized.py)
 
 
+def guard() -> torch.Tensor:
+    """The empty tensor the compressed format stores under each pruned parameter's own name. transformers
+    without llmprune then fails on its size instead of initialising the missing weight randomly."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def layout_of(pattern: Pattern) -> str:
     """Name of the storage layout used for ``pattern`` (``+int4`` / ``+int8`` with quantization: codes in
     place of values, :mod:`llmprune.export.quantized`)."""

@@ -4,8 +4,11 @@ transformers' quantizer registry, and each pruned weight's stored parts (``<modu
 ``.bitmask``, ``.shape``, ``.row_offsets``) are decoded into the dense weight while transformers loads
 (``dtype``, ``device_map`` and the low-memory meta-device loading work as for any checkpoint).
 
-Without llmprune, transformers refuses the unknown quantization method instead of initialising the pruned
-weights randomly. Compressed fused MoE experts are refused here too: ``llmprune.load`` reads them.
+Without llmprune, transformers only warns about the unknown quantization method; what makes it fail is the
+empty guard tensor stored under each pruned parameter's own name (:func:`~llmprune.export.codecs.guard`):
+a size mismatch, an error, instead of a randomly initialised weight. Here the guard joins the parts and is
+dropped, so every ``*.weight`` passes through :class:`Decompress` (the dense ones unchanged). Compressed
+fused MoE experts are refused here too: ``llmprune.load`` reads them.
 """
 
 from __future__ import annotations
@@ -52,10 +55,16 @@ class Decompress(ConversionOps):
     def convert(self, input_dict: dict[str, Any], model: torch.nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         parts = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
+        stored = parts.pop("weight", None)  # a dense weight, or a pruned one's empty guard
         pattern = self.hf_quantizer.targets(model).get(full_layer_name)
         if pattern is None:
-            raise LLMPruneError(f"{full_layer_name}: stored as compressed parts but not a declared target")
-        weight = decode(parts, pattern, full_layer_name)
+            if parts or stored is None:
+                raise LLMPruneError(f"{full_layer_name}: stored as compressed parts but not a declared target")
+            weight = stored
+        elif stored is not None and stored.numel():
+            raise LLMPruneError(f"{full_layer_name}: stored both as a dense tensor and as compressed parts")
+        else:
+            weight = decode(parts, pattern, full_layer_name)
         return {"weight": weight if model is None else weight.to(model.get_parameter(full_layer_name).dtype)}
 
 
@@ -64,7 +73,7 @@ class LLMPruneQuantizer(HfQuantizer):
     """Decodes llmprune's compressed weights while transformers loads; the model comes out dense."""
 
     requires_calibration = False
-    serialized_names = {"weight": [*PARTS, *QUANT_PARTS]}
+    serialized_names = {"weight": ["weight", *PARTS, *QUANT_PARTS]}
 
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)

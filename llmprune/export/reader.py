@@ -73,6 +73,8 @@ class Checkpoint:
     def params(self) -> Iterator[str]:
         """Parameter (state-dict) names in the checkpoint, in stored order."""
         parts = {s for name in self.targets for s in self._stored_names(name)}
+        if self.fmt == "compressed":  # each pruned parameter's own name holds only an empty guard tensor
+            parts |= set(self.targets) | set(self.experts)
         yield from (n for n in self.weight_map if n not in parts)
         yield from (n for n in self.targets if split_expert(n) is None or split_expert(n)[0] not in self.experts)
         yield from self.experts

@@ -23,7 +23,7 @@ from ..quant import Grid
 from . import schema
 from .card import model_card
 from .hf import quantization_entry
-from .codecs import PackedMask, check, encode, prefix_of
+from .codecs import PackedMask, check, encode, guard, prefix_of
 
 _RESERVED = ("config.json", "generation_config.json", schema.INDEX_NAME)
 
@@ -99,8 +99,7 @@ class CheckpointWriter:
             self._put(name, tensor)
             return
         self._pruned(name, tensor, pattern, mask, grid)
-        if self.fmt != "compressed":
-            self._put(name, tensor)
+        self._put(name, tensor if self.fmt != "compressed" else guard())
         self._zeros += int((tensor == 0).sum())
         self._numel += tensor.numel()
 
@@ -132,8 +131,7 @@ class CheckpointWriter:
         for e, mask in enumerate(masks):
             self._pruned(f"{name}[{e}]", tensor[e].T if transposed else tensor[e], pattern, mask,
                          None if grids is None else grids[e])
-        if self.fmt != "compressed":
-            self._put(name, tensor)
+        self._put(name, tensor if self.fmt != "compressed" else guard())
         self._experts[name] = {"num_experts": tensor.shape[0], "transposed": transposed}
         self._zeros += int((tensor == 0).sum())
         self._numel += tensor.numel()

@@ -42,10 +42,14 @@ class ADMMConfig:
         default=0.01, metadata={"help": "with --quant: damping of the final GPTQ sweep that rounds the kept weights "
                                         "onto the grid on the final mask, with error feedback"}
     )
+    grid_rounds: int = field(
+        default=2, metadata={"help": "with --quant: rounds of coordinate descent on the codes plus a scale refit "
+                                     "after the sweep (methods/grid_refine.py; 0: none)"}
+    )
 
     def __post_init__(self) -> None:
-        if min(self.iters, self.ramp_steps, self.rho_updates, self.final_cg_iters) < 0:
-            raise LLMPruneError("admm: iters, ramp_steps, rho_updates and final_cg_iters must be >= 0")
+        if min(self.iters, self.ramp_steps, self.rho_updates, self.final_cg_iters, self.grid_rounds) < 0:
+            raise LLMPruneError("admm: iters, ramp_steps, rho_updates, final_cg_iters and grid_rounds must be >= 0")
         if self.rho <= 0 or self.rho_start <= 0 or self.percdamp < 0 or self.sweep_percdamp < 0 or self.quant_from < 0:
             raise LLMPruneError("admm: rho and rho_start must be > 0; percdamp, sweep_percdamp and quant_from >= 0")
 

@@ -13,7 +13,8 @@ and once the mask is frozen the kept weights are re-solved exactly by masked con
 Quantization (``pattern.quant``): the projection becomes Π_quant ∘ Π_pattern, the support chosen first,
 then the kept weights rounded onto their group grid (scales fitted on them, in the original weight
 space), from iteration ``quant_from``; after the final re-solve a GPTQ sweep on the final mask puts the
-kept weights exactly on the grid, with error feedback (:func:`~llmprune.methods.sparsegpt.prune.obs_sweep`).
+kept weights exactly on the grid, with error feedback (:func:`~llmprune.methods.sparsegpt.prune.obs_sweep`),
+and ``grid_rounds`` of coordinate descent on the codes and scale refits polish them (:mod:`..grid_refine`).
 
 Batched: ``weight [E, out, in]`` with ``xtx [E, in, in]`` solves E independent layers (the experts of a
 fused MoE tensor) in one set of batched matmuls and Cholesky factorisations, each exactly as alone.
@@ -27,6 +28,7 @@ from ...patterns import Pattern
 from ..base import LayerStats, PruneResult
 from ..linalg import damped, spd_inverse
 from ...quant import Grid
+from ..grid_refine import refine_on_grid
 from ..sparsegpt.prune import obs_sweep
 from .cg import masked_cg
 from .config import ADMMConfig
@@ -91,8 +93,18 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
         raise FloatingPointError("admm produced non-finite weights (non-finite weights or activations?)")
     if quant is None:
         return PruneResult(out, mask)
-    if out.dim() == 3:
-        sweeps = [obs_sweep(o, x, pattern, 128, config.sweep_percdamp, m) for o, x, m in zip(out, xtx, mask)]
-        return PruneResult(torch.stack([r.weight for r in sweeps]), mask,
-                           Grid(*(torch.stack([getattr(r.grid, f) for r in sweeps]) for f in Grid._fields)))
-    return obs_sweep(out, xtx, pattern, 128, config.sweep_percdamp, mask)
+    if out.dim() == 2:
+        return _onto_grid(out, weight, xtx, mask, pattern, config)
+    experts = [_onto_grid(*args, pattern, config) for args in zip(out, weight, xtx, mask)]
+    return PruneResult(torch.stack([r.weight for r in experts]), mask,
+                       Grid(*(torch.stack([getattr(r.grid, f) for r in experts]) for f in Grid._fields)))
+
+
+def _onto_grid(w: torch.Tensor, target: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
+               config: ADMMConfig) -> PruneResult:
+    """The final mask's kept weights onto the grid: GPTQ sweep, then coordinate descent and scale refits."""
+    swept = obs_sweep(w, xtx, pattern, 128, config.sweep_percdamp, mask)
+    if not config.grid_rounds:
+        return swept
+    weight, grid = refine_on_grid(swept.weight, target, xtx, mask, pattern.quant, swept.grid, config.grid_rounds)
+    return PruneResult(weight, mask, grid)
