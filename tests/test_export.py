@@ -289,6 +289,27 @@ def test_kernels_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("CUDA present: covered by the kernels tests")
     with pytest.raises(LLMPruneError, match="kernels=True"):
         load(out, kernels=True)
+    from llmprune.export.hf import LLMPruneQuantizationConfig
+
+    # the loading option reaches transformers' loader (it refuses before reading a weight)
+    with pytest.raises(LLMPruneError, match="kernels=True needs a CUDA device"):
+        AutoModelForCausalLM.from_pretrained(out, quantization_config=LLMPruneQuantizationConfig(kernels=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plain_from_pretrained_builds_the_kernel_modules(tmp_path: Path) -> None:
+    from llmprune.export.hf import LLMPruneQuantizationConfig
+    from llmprune.kernels import SparseLinear
+
+    model, patterns = tiny_llama(tied=False, mixed=False)
+    out = save_pruned(model.half(), None, tmp_path / "ckpt", "compressed", patterns)
+    fast = AutoModelForCausalLM.from_pretrained(out, device_map="cuda", dtype=torch.float16,
+                                                quantization_config=LLMPruneQuantizationConfig(kernels=True))
+    assert {type(fast.get_submodule(n.removesuffix(".weight"))) for n in patterns} == {SparseLinear}
+    ours = load(out, device="cuda", kernels=True)
+    ids = TOKENS.cuda()
+    assert torch.allclose(fast(ids).logits.float(), ours(ids).logits.float(), atol=1e-3, rtol=1e-3)
 
 
 def test_save_pruned_refuses_unknown_pattern_target(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import LLMPruneError
@@ -34,14 +35,27 @@ def quantization_entry() -> dict[str, Any]:
 
 @register_quantization_config(QUANT_METHOD)
 class LLMPruneQuantizationConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an llmprune compressed checkpoint (the patterns live in ``sparsity_config``)."""
+    """The ``quantization_config`` of an llmprune compressed checkpoint (the patterns live in ``sparsity_config``).
 
-    def __init__(self, format: str = "compressed", format_version: int = schema.FORMAT_VERSION, **kwargs: Any) -> None:
+    ``kernels`` is a loading option, never stored: ``from_pretrained(dir, device_map="cuda",
+    quantization_config=LLMPruneQuantizationConfig(kernels=True))`` builds the kernels package's
+    ``SparseLinear`` / ``Int4Linear`` modules for the pruned Linears, as ``llmprune.load(dir, kernels=True)``.
+    """
+
+    def __init__(self, format: str = "compressed", format_version: int = schema.FORMAT_VERSION,
+                 kernels: bool = False, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
-        self.format, self.format_version = format, format_version
+        self.format, self.format_version, self.kernels = format, format_version, kernels
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "format": self.format, "format_version": self.format_version}
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        return {"kernels": self.kernels}
+
+
+# transformers applies a passed config's loading attributes over the checkpoint's only for the classes listed here.
+_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*_auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LLMPruneQuantizationConfig)
 
 
 class Decompress(ConversionOps):
@@ -51,6 +65,9 @@ class Decompress(ConversionOps):
         # Under this name transformers hands the parts over as stored, uncast (HfQuantizer.get_new_dtype): an
         # fp16 scale cast to bf16 first would decode to other weights. The decoded weight is cast here.
         self.hf_quantizer = quantizer
+
+    def __deepcopy__(self, memo: dict) -> Decompress:
+        return type(self)(self.hf_quantizer)  # transformers copies the op per weight: all report to one quantizer
 
     def convert(self, input_dict: dict[str, Any], model: torch.nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -65,6 +82,8 @@ class Decompress(ConversionOps):
             raise LLMPruneError(f"{full_layer_name}: stored both as a dense tensor and as compressed parts")
         else:
             weight = decode(parts, pattern, full_layer_name)
+            if self.hf_quantizer.quantization_config.kernels:  # the kernel modules are built from the parts
+                self.hf_quantizer.parts[full_layer_name] = parts
         return {"weight": weight if model is None else weight.to(model.get_parameter(full_layer_name).dtype)}
 
 
@@ -78,6 +97,12 @@ class LLMPruneQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._targets: dict | None = None
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}  # kept for the kernel modules (kernels=True)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.quantization_config.kernels and not torch.cuda.is_available():
+            raise LLMPruneError("kernels=True needs a CUDA device (CUDA not available): load without it for a "
+                                "dense model")
 
     def targets(self, model: torch.nn.Module) -> dict:
         if self._targets is None:
@@ -92,6 +117,9 @@ class LLMPruneQuantizer(HfQuantizer):
         self.targets(model)  # refuse what cannot load before reading any weight
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        if self.quantization_config.kernels:
+            self._swap_kernels(model)
+            return
         # The weights are plain dense tensors now: the model is an ordinary one (trainable, savable, and saved
         # dense, so the decoding is not something to reverse).
         del model.config.quantization_config
@@ -100,12 +128,25 @@ class LLMPruneQuantizer(HfQuantizer):
         model._weight_conversions = [c for c in getattr(model, "_weight_conversions", [])
                                      if not any(isinstance(op, Decompress) for op in getattr(c, "operations", []))]
 
+    def _swap_kernels(self, model: torch.nn.Module) -> None:
+        from .codecs import mask_of
+        from .loader import kernel_linear
+
+        for name, pattern in self.targets(model).items():
+            module_name = name.removesuffix(".weight")
+            linear = model.get_submodule(module_name)
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            parts = self.parts.pop(name)
+            model.set_submodule(module_name, kernel_linear(name, linear, pattern, mask_of(parts, pattern, name),
+                                                           parts, linear.weight.device))
+
     def get_load_operations(self) -> dict:
         return {"deserialize": Decompress}
 
     def is_serializable(self) -> bool:
-        return True
+        return not self.quantization_config.kernels  # kernel modules hold their own layouts
 
     @property
     def is_trainable(self) -> bool:
-        return True
+        return not self.quantization_config.kernels

@@ -67,6 +67,22 @@ def _sparse_linear(device: torch.device) -> type:
     return SparseLinear
 
 
+def kernel_linear(name: str, linear: nn.Linear, pattern: Pattern, mask: torch.Tensor,
+                  parts: dict[str, torch.Tensor] | None, device: torch.device) -> nn.Module:
+    """The kernels package's module for pruned Linear ``name`` on CUDA ``device``: ``Int4Linear`` from the
+    stored ``parts`` of a quantized pattern, else ``SparseLinear`` from the weight and the pruner's ``mask``."""
+    bias = None if linear.bias is None else linear.bias.detach().to(device)
+    if pattern.quant is not None:
+        from ..kernels.int4 import Int4Linear, from_parts
+
+        try:
+            packed = from_parts(parts, pattern)
+        except ValueError as exc:
+            raise LLMPruneError(f"{name}: {exc}") from exc
+        return Int4Linear(packed, bias).to(device)
+    return _sparse_linear(device).from_weight(linear.weight.detach().to(device), pattern, bias, mask=mask.to(device))
+
+
 def _skeleton(config: transformers.PretrainedConfig) -> nn.Module:
     """The model class from ``config`` with parameters on the meta device (no memory, no random init);
     buffers such as rotary frequencies are still computed for real."""
@@ -89,7 +105,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     dtype, device = _dtype(dtype), torch.device(device)
     if kernels and compressed_modules:
         raise LLMPruneError("choose either compressed_modules or kernels, not both")
-    sparse_linear = _sparse_linear(device) if kernels else None
+    if kernels:
+        _sparse_linear(device)  # refuse before reading anything
     ckpt = Checkpoint(path)
     config = ckpt.config
     if getattr(config, "quantization_config", None) is not None:
@@ -117,18 +134,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         if not isinstance(linear, nn.Linear) or not (compressed_modules or kernels):
             continue
         mask = ckpt.mask(name)  # the pruner's own positions, never guessed from zeros
-        if kernels and pattern.quant is not None:
-            from ..kernels.int4 import Int4Linear, from_parts
-
-            try:
-                packed = from_parts(ckpt.parts(name), pattern)
-            except ValueError as exc:
-                raise LLMPruneError(f"{name}: {exc}") from exc
-            swapped = Int4Linear(packed, None if linear.bias is None else linear.bias.detach())
-        elif kernels:
-            swapped = sparse_linear.from_weight(linear.weight.detach().to(device), pattern,
-                                                None if linear.bias is None else linear.bias.detach().to(device),
-                                                mask=mask.to(device))
+        if kernels:
+            swapped = kernel_linear(name, linear, pattern, mask, ckpt.parts(name) if pattern.quant else None, device)
         elif ckpt.fmt == "compressed":  # the stored parts as they are (a quantized weight's codes and grid too)
             swapped = CompressedLinear(ckpt.parts(name), pattern, None if linear.bias is None else linear.bias.detach(), name)
         else:
