@@ -1,7 +1,8 @@
 """On-disk size of a pruned SmolLM2-135M: dense ``save_pretrained``-style checkpoint vs llmprune's compressed one.
 
-Every Linear in the decoder blocks is pruned by magnitude (``pattern.project(w.abs())``); stored sizes
-depend only on the pattern, not on which weights survive, so no calibration is needed. Writes
+Every Linear in the decoder blocks is pruned by magnitude (``pattern.project(w.abs())``), and in the
+``+int4g128`` rows its kept weights rounded to nearest onto their group grid; stored sizes depend only on
+the pattern, not on which weights survive, so no calibration is needed. Writes
 ``benchmarks/results/size.json`` and prints a markdown table.
 
     python benchmarks/size.py [--out benchmarks/results/size.json]
@@ -22,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from llmprune.export import inspect, save_pruned  # noqa: E402
 from llmprune.models import default_model  # noqa: E402
 from llmprune.patterns import parse_pattern  # noqa: E402
+from llmprune.quant import parse_quant  # noqa: E402
 from llmprune.report import git_commit, write_json_atomic  # noqa: E402
 
-PATTERNS = [("unstructured", 0.5), ("2:4", None), ("4x4:8", None), ("unstructured", 0.7)]
+PATTERNS = [("unstructured", 0.5, None), ("2:4", None, None), ("4x4:8", None, None), ("unstructured", 0.7, None),
+            ("unstructured", 0.0, "int4"), ("2:4", None, "int4"), ("4x4:8", None, "int4")]
 
 
 def _folder_bytes(path: Path) -> int:
@@ -51,21 +54,28 @@ def main(argv: list[str] | None = None) -> int:
                if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
     rows = []
-    for spec, sparsity in PATTERNS:
-        pattern = parse_pattern(spec, sparsity)
+    for spec, sparsity, quant in PATTERNS:
+        pattern = parse_pattern(spec, sparsity, quant=parse_quant(quant, 128))
+        masks, grids = {}, {}
         with torch.no_grad():
             for name, m in linears.items():
-                m.weight.copy_(original[name] * pattern.project(original[name].abs()))
+                masks[name] = pattern.project(original[name].abs())
+                if pattern.quant is None:
+                    m.weight.copy_(original[name] * masks[name])
+                else:
+                    rounded, grids[name] = pattern.quant.project(original[name].float(), masks[name])
+                    m.weight.copy_(rounded)
         patterns = dict.fromkeys(linears, pattern)
         with tempfile.TemporaryDirectory() as tmp:
-            dense = save_pruned(model, tokenizer, Path(tmp) / "dense", "dense", patterns)
-            compressed = save_pruned(model, tokenizer, Path(tmp) / "compressed", "compressed", patterns)
+            dense = save_pruned(model, tokenizer, Path(tmp) / "dense", "dense", patterns, masks, grids=grids)
+            compressed = save_pruned(model, tokenizer, Path(tmp) / "compressed", "compressed", patterns, masks,
+                                     grids=grids)
             report = inspect(compressed)  # decodes and verifies every layer as well
             if not report["ok"]:
                 raise SystemExit(f"compressed checkpoint failed verification: {report['errors']}")
             totals = report["totals"]
             rows.append({
-                "pattern": str(pattern), "sparsity": pattern.sparsity,
+                "pattern": str(pattern), "sparsity": pattern.sparsity, "quant": quant and str(pattern.quant),
                 "linear_dense_bytes": totals["dense_bytes"], "linear_compressed_bytes": totals["stored_bytes"],
                 "ratio": round(totals["stored_bytes"] / totals["dense_bytes"], 4),
                 "checkpoint_dense_bytes": _folder_bytes(dense),

@@ -125,6 +125,7 @@ def size() -> str:
     body = []
     for r in _load("size.json")["rows"]:
         name = f"{r['sparsity']:.0%} unstructured" if r["pattern"] == "unstructured" else r["pattern"]
+        name += f" + {r['quant']}" if r.get("quant") else ""
         whole = f"{r['checkpoint_dense_bytes'] / 1e6:.1f} MB → {r['checkpoint_compressed_bytes'] / 1e6:.1f} MB"
         body.append([name, f"{r['ratio']:.4g}", whole])
     return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
