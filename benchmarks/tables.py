@@ -125,7 +125,8 @@ def size() -> str:
     body = []
     for r in _load("size.json")["rows"]:
         name = f"{r['sparsity']:.0%} unstructured" if r["pattern"] == "unstructured" else r["pattern"]
-        name += f" + {r['quant']}" if r.get("quant") else ""
+        if r.get("quant"):
+            name = f"{r['quant']} alone (no sparsity)" if r["sparsity"] == 0 else f"{name} + {r['quant']}"
         whole = f"{r['checkpoint_dense_bytes'] / 1e6:.1f} MB → {r['checkpoint_compressed_bytes'] / 1e6:.1f} MB"
         body.append([name, f"{r['ratio']:.4g}", whole])
     return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
