@@ -60,8 +60,22 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
         raise ValueError("admm needs calibration statistics (XᵀX)")
     pattern.check_shape(weight.shape[-2:])
     quant = pattern.quant
-    if pattern.sparsity == 0 and quant is None:
-        return PruneResult(weight, torch.ones_like(weight, dtype=torch.bool))
+    if pattern.sparsity == 0:
+        # Nothing to prune: the continuous optimum is the weight itself, so quantization alone is the grid step
+        # from there (ADMM's iterations only moved its starting point off it: NOTES_admm.md §12).
+        keep = torch.ones_like(weight, dtype=torch.bool)
+        if quant is None:
+            return PruneResult(weight, keep)
+        return _quantize_kept(weight, weight, xtx, keep, pattern, config)
+    out, mask = _admm(weight, xtx, pattern, config)
+    if quant is None:
+        return PruneResult(out, mask)
+    return _quantize_kept(out, weight, xtx, mask, pattern, config)
+
+
+def _admm(weight: torch.Tensor, xtx: torch.Tensor, pattern: Pattern, config: ADMMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ADMM iterations and the final re-solve: the continuous kept weights and the mask."""
+    quant = pattern.quant
     norm = xtx.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt() + 1e-8
     h = damped(xtx / norm.unsqueeze(-2) / norm.unsqueeze(-1), config.percdamp)
     w = weight * norm.unsqueeze(-2)
@@ -91,11 +105,15 @@ def admm_prune(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, config
     out = z / norm.unsqueeze(-2)
     if not torch.isfinite(out).all():
         raise FloatingPointError("admm produced non-finite weights (non-finite weights or activations?)")
-    if quant is None:
-        return PruneResult(out, mask)
-    if out.dim() == 2:
-        return _onto_grid(out, weight, xtx, mask, pattern, config)
-    experts = [_onto_grid(*args, pattern, config) for args in zip(out, weight, xtx, mask)]
+    return out, mask
+
+
+def _quantize_kept(w: torch.Tensor, target: torch.Tensor, xtx: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
+             config: ADMMConfig) -> PruneResult:
+    """:func:`_onto_grid` for one layer, or expert by expert for ``[E, out, in]``."""
+    if w.dim() == 2:
+        return _onto_grid(w, target, xtx, mask, pattern, config)
+    experts = [_onto_grid(*args, pattern, config) for args in zip(w, target, xtx, mask)]
     return PruneResult(torch.stack([r.weight for r in experts]), mask,
                        Grid(*(torch.stack([getattr(r.grid, f) for r in experts]) for f in Grid._fields)))
 
