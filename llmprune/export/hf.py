@@ -54,8 +54,10 @@ class LLMPruneQuantizationConfig(QuantizationConfigMixin):
         return {"kernels": self.kernels}
 
 
-# transformers applies a passed config's loading attributes over the checkpoint's only for the classes listed here.
-_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*_auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LLMPruneQuantizationConfig)
+# transformers applies a passed config's loading attributes over the checkpoint's only for the classes listed
+# here (a private tuple: a release without it loses the kernels option, not the import).
+if hasattr(_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES"):
+    _auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*_auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LLMPruneQuantizationConfig)
 
 
 class Decompress(ConversionOps):
