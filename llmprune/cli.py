@@ -194,7 +194,8 @@ def _main(argv: list[str]) -> int:
         from .finetune.cli import main as finetune_main
         from .finetune.cli import summary
 
-        print(summary(finetune_main(argv[1:])), flush=True)
+        if (record := finetune_main(argv[1:])) is not None:  # None: a non-main process of a distributed launch
+            print(summary(record), flush=True)
         return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,

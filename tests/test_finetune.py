@@ -25,8 +25,8 @@ STREAM = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(1))
 WINDOWS = STREAM.view(40, 32)
 
 
-def _pruned(pattern: str = "2:4", sparsity: float | None = None):
-    model = tiny_model()
+def _pruned(pattern: str = "2:4", sparsity: float | None = None, **model_kw):
+    model = tiny_model(**model_kw)
     dense = copy.deepcopy(model)
     result = llmprune.prune(model, None, PruneConfig(method="wanda", pattern=pattern, sparsity=sparsity, batch_size=4),
                             calib=CALIB, quiet=True)
@@ -180,47 +180,90 @@ def test_cli_finetune_refuses_bad_input(capsys, tiny_model_dir):
     assert "needs --finetune-tokens" in capsys.readouterr().err
 
 
-DDP_RUN = """
+PARALLEL_RUN = """
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
 import llmprune
-from tests.test_finetune import _pruned, _cfg, WINDOWS
+from tests.test_finetune import _pruned, _cfg, WINDOWS, PARALLEL_CASES
 from accelerate import PartialState
 
-model, _, pruned = _pruned()
-out = llmprune.finetune(model, None, _cfg(batch_size=int(sys.argv[3])), pruned.patterns, pruned.masks, windows=WINDOWS,
-                        quiet=True)
+runs = {}
+for mode, pattern, fsdp, tied in PARALLEL_CASES:
+    model, _, pruned = _pruned(pattern, intermediate_size=132, tie_word_embeddings=tied)
+    cfg = _cfg(batch_size=int(sys.argv[3]), mode=mode, fsdp=fsdp, admm_every=2, admm_rho=1.0, admm_rho_growth=2.0)
+    out = llmprune.finetune(model, None, cfg, pruned.patterns, pruned.masks, windows=WINDOWS, quiet=True)
+    runs[mode, pattern, fsdp, tied] = {"loss": out.record["loss"], "val": out.record["val"], "tokens": out.record["tokens"],
+                                 "fsdp": out.record["fsdp"], "violation": out.record.get("admm_violation"),
+                                 "masks": {k: m.unpack() for k, m in out.masks.items()}, "state": model.state_dict()}
 if PartialState().is_main_process:
-    torch.save({"loss": out.record["loss"], "val": out.record["val"], "tokens": out.record["tokens"],
-                "masks": {k: m.unpack() for k, m in out.masks.items()}, "state": model.state_dict()}, sys.argv[1])
+    torch.save(runs, sys.argv[1])
 """
+# (mode, pattern, fsdp, tied embeddings): DDP and FSDP2, each mode; 4x4:8 tiles of the 132-row MLP weights
+# straddle FSDP's 66-row shards. SR-STE re-selects masks every step, so rounding-level differences in the averaged
+# gradients can flip tiles: on the tied tiny model they do (under DDP as under FSDP), on the untied one they don't.
+PARALLEL_CASES = [("masked", "2:4", False, True), ("admm", "2:4", False, True), ("masked", "2:4", True, True),
+                  ("admm", "4x4:8", True, True), ("sr-ste", "4x4:8", True, False)]
 
 
-@pytest.mark.slow  # two processes (~15 s): in CI, not the quick loop
+@pytest.mark.slow  # two launches of a few tiny runs (~40 s): in CI, not the quick loop
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    """Data-parallel through accelerate (gloo on CPU, launched by torchrun): same masks, same loss curve."""
+    """Data-parallel through accelerate (DDP, gloo on CPU, launched by torchrun) and sharded by torch FSDP2:
+    same masks, same loss curve and weights as one process with the doubled batch."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_RUN)
+    script = tmp_path / "parallel.py"
+    script.write_text(PARALLEL_RUN)
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                          str(tmp_path / "two.pt"), str(root), "2"], env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "two.pt"), str(root), "2"], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), str(root), "4"], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert a["tokens"] == b["tokens"] and len(a["loss"]) == len(b["loss"])
-    torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in b["masks"])
-    for k in b["state"]:
-        torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-3, atol=1e-5)
+    twos, ones = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    for case in PARALLEL_CASES:
+        a, b = twos[case], ones[case]
+        assert a["fsdp"] == case[2] and not b["fsdp"], case
+        assert a["tokens"] == b["tokens"] and len(a["loss"]) == len(b["loss"]), case
+        torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-4, atol=1e-5, msg=str(case))
+        if case[0] == "admm":  # the penalty counts once however many processes share the batch
+            torch.testing.assert_close(torch.tensor(a["violation"]), torch.tensor(b["violation"]), rtol=1e-3, atol=1e-6)
+        assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in b["masks"]), case
+        for k in b["state"]:
+            torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-3, atol=1e-5, msg=f"{case} {k}")
+
+
+@pytest.mark.slow  # two 2-process launches (~25 s)
+def test_accelerate_launch_use_fsdp_runs_the_cli_sharded_and_resumes(tmp_path, tiny_model_dir, text_file):
+    """The same command under ``accelerate launch --use_fsdp``: sharded by FSDP2, one process writes a
+    verified checkpoint, and a resume from the sharded run's whole-tensor training state reproduces it."""
+    import os
+    import subprocess
+    import sys
+
+    from llmprune.export import Checkpoint, inspect
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "llmprune", "finetune", "--model", str(tiny_model_dir), "--pattern", "4x4:8", "--mode", "sr-ste",
+              "--train", str(text_file), "--tokens", "1024", "--seqlen", "16", "--batch-size", "2", "--eval-every", "4",
+              "--work-dir", str(tmp_path / "work"), "--quiet"]
+    for out, extra in (("a", []), ("b", ["--resume"])):
+        run = subprocess.run([*launch, *extra, "--save", str(tmp_path / out), "--report", str(tmp_path / f"{out}.json")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("validation loss") == 1  # the main process alone reports
+    record = json.loads((tmp_path / "a.json").read_text())["finetune"]
+    assert record["fsdp"] and record["processes"] == 2 and record["steps"] == 1024 // (2 * 2 * 16)
+    assert inspect(tmp_path / "a")["ok"] and inspect(tmp_path / "b")["ok"]
+    a, b = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
+    assert all(torch.equal(a.mask(k), b.mask(k)) and torch.equal(a.weight(k), b.weight(k)) for k in a.targets)
 
 
 @pytest.mark.slow

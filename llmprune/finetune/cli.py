@@ -68,8 +68,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict, dict | None, Any]:
     return model, tokenizer, patterns, masks, teacher
 
 
-def main(argv: list[str]) -> dict[str, Any]:
-    """Parse, fine-tune, save; returns the run record (the caller prints it)."""
+def main(argv: list[str]) -> dict[str, Any] | None:
+    """Parse, fine-tune, save; returns the run record (the caller prints it), or None on the processes of a
+    distributed launch other than the main one, which alone writes the outputs."""
+    from accelerate import PartialState
+
     from .. import finetune
     from ..report import environment, write_json_atomic
 
@@ -87,6 +90,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     result = finetune(model, tokenizer, config, patterns, masks, teacher, quiet=args.quiet)
     record["seconds"]["finetune"] = time.perf_counter() - t
     record["finetune"] = result.record
+    if not PartialState().is_main_process:
+        return None
     if args.save:
         result.save(args.save, args.format, overwrite=args.overwrite,
                     extra_files={"llmprune_run.json": json.dumps(record, indent=2, default=str)})

@@ -46,6 +46,8 @@ class FinetuneConfig:
     eval_every: int = _opt(20, "optimiser steps between validation passes (and checkpoints with --work-dir)")
     patience: int = _opt(0, "stop after this many validations without improvement (0: never stop early)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)")
+    fsdp: bool = _opt(False, "under a distributed launch, shard the model with torch FSDP2 (one unit per decoder "
+                             "block) instead of replicating it (DDP); also on with accelerate launch --use_fsdp")
     autocast: str = _opt("auto", "mixed precision on CUDA: auto (bf16 if supported), bf16, fp16 or off",
                          choices=("auto", "bf16", "fp16", "off"))
     seed: int = _opt(0, "seed for the window order and anything random")

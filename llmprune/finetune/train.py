@@ -6,6 +6,8 @@ The order of the windows is a function of (seed, step) alone, so a run resumed f
 exactly the batches an uninterrupted run would. Under ``torchrun`` / ``accelerate launch`` the loop is
 data-parallel through accelerate (DDP; gradients averaged): each of the N processes takes its slice of
 a global micro-batch of N x ``batch_size`` windows, so N processes equal one with N times the batch.
+With ``fsdp`` (or ``accelerate launch --use_fsdp``) the model is sharded by torch's FSDP2 instead of
+replicated (:mod:`.shard`): same batches, same masks, 1/N of the weights, gradients and Adam state.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import LLMPruneError
 from ..patterns import Pattern
 from ..report import write_atomic
-from . import losses
+from . import losses, shard
 from .config import FinetuneConfig
 from .sparsity import ADMM, SRSTE, Masked
 
@@ -55,7 +57,7 @@ def _strategy(cfg: FinetuneConfig, weights: dict[str, nn.Parameter], masks: dict
     if cfg.mode == "sr-ste":
         return SRSTE(weights, patterns, cfg.srste_decay)
     if masks is None:
-        masks = {k: patterns[k].project(w.detach().abs().float()) for k, w in weights.items()}
+        masks = {k: patterns[k].project(shard.whole(shard.local(w).detach(), w).abs().float()) for k, w in weights.items()}
     return Masked(weights, masks)
 
 
@@ -78,27 +80,29 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
     """Fine-tune ``model`` (on ``device``) in place; ``patterns``/``masks``: target weight name -> pattern / mask.
     Returns the record (curves, timings) and the final masks (exactly on each pattern)."""
     from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
 
     acc = Accelerator(cpu=device.type == "cpu", device_placement=False)
     world, rank = acc.num_processes, acc.process_index
+    fsdp = (cfg.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP")) and world > 1
     train_w, val_w = split_windows(windows, cfg.val_fraction, cfg.val_max)
     steps = cfg.steps(world)
-    params = dict(model.named_parameters())
+    core = shard.shard(model, device, world) if fsdp else model  # the caller's model gets the weights at the end
+    params = dict(core.named_parameters())
     weights = {k: params[k] for k in patterns}
     strategy = _strategy(cfg, weights, masks, patterns, steps)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    base_opt = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
-    core = model
-    model, opt = acc.prepare(model, opt)  # DDP under a distributed launcher, else unchanged
+    sched = torch.optim.lr_scheduler.LambdaLR(base_opt, lambda s: _schedule(s, steps, warmup))
+    # DDP under a distributed launcher, else unchanged; FSDP2 already reduces the gradients itself
+    net, opt = (core, base_opt) if fsdp else acc.prepare(core, base_opt)
     record: dict[str, Any] = {"steps": steps, "train_windows": len(train_w), "val_windows": len(val_w),
-                              "loss": [], "val": [], "tokens": 0, "seconds": 0.0}
+                              "processes": world, "fsdp": fsdp, "loss": [], "val": [], "tokens": 0, "seconds": 0.0}
     start = 0
     if work is not None and cfg.resume and (work / CHECKPOINT).is_file():
         state = torch.load(work / CHECKPOINT, weights_only=False)
-        core.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        shard.load_training_state(core, base_opt, state)
         sched.load_state_dict(state["sched"])
         strategy.load(state["strategy"])
         record, start = state["record"], state["step"]
@@ -109,7 +113,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
 
     def objective(batch: torch.Tensor) -> torch.Tensor:
         with _autocast(cfg, device):
-            out = model(batch, use_cache=False, output_hidden_states=want_hidden)
+            out = net(batch, use_cache=False, output_hidden_states=want_hidden)
             loss = cfg.ce * losses.cross_entropy(out.logits, batch) if cfg.ce else 0.0
             if teacher is not None and cfg.needs_teacher:
                 with torch.no_grad():
@@ -129,7 +133,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
         core.train()
         return total / math.ceil(len(val_w) / cfg.batch_size)
 
-    model.train()
+    net.train()
     vals = [v["loss"] for v in record["val"]]
     best = min(vals, default=math.inf)
     since_best = len(vals) - 1 - vals.index(best) if vals else 0
@@ -143,8 +147,6 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
             glob = batch_at(train_w, step * cfg.grad_accum + j, cfg.batch_size * world, cfg.seed)
             batch = glob[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(device)
             loss = objective(batch) / cfg.grad_accum
-            if j == 0:
-                loss = loss + strategy.penalty() / world  # DDP averages: the penalty counts once
             if not torch.isfinite(loss):
                 raise LLMPruneError(f"finetune step {step}: the loss is NaN/Inf (lower --lr?)")
             acc.backward(loss)
@@ -163,18 +165,21 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, patterns
             since_best = 0 if val < best else since_best + 1
             best = min(best, val)
             record["seconds"] = time.perf_counter() - t0
-            if work is not None and acc.is_main_process:
-                state = {"model": core.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "strategy": strategy.state(), "record": record, "step": step + 1, "rng": torch.get_rng_state()}
-                write_atomic(work / CHECKPOINT, lambda tmp, s=state: torch.save(s, tmp))
+            if work is not None:  # every process gathers (FSDP), the main one writes
+                state = {**shard.training_state(core, base_opt), "sched": sched.state_dict(), "strategy": strategy.state(),
+                         "record": record, "step": step + 1, "rng": torch.get_rng_state()}
+                if acc.is_main_process:
+                    write_atomic(work / CHECKPOINT, lambda tmp, s=state: torch.save(s, tmp))
             if cfg.patience and since_best >= cfg.patience:
                 record["stopped_early"] = step + 1
                 break
     if cfg.grad_checkpointing:
         core.gradient_checkpointing_disable()
     final = strategy.final_masks()
+    if fsdp:
+        shard.copy_back(core, model)
     acc.free_memory()
-    core.eval()
+    model.eval()
     record["seconds"] = time.perf_counter() - t0
     if isinstance(strategy, ADMM):
         record["admm_violation"] = strategy.violation
