@@ -5,7 +5,7 @@ WikiText-2 test perplexity before, ``llmprune.finetune`` on wiki.valid.raw windo
 the validation split; the test text is never trained on), perplexity after. The ``dense`` reference row
 gives the *dense* model the same fine-tuning (CE, same text and tokens), so recovery is not confused
 with adapting to WikiText. Rows go to benchmarks/results/finetune.json after each one (reused when every
-setting, the commit included, matches), with tokens, wall time and peak memory.
+setting, the commit included, matches), with tokens, wall time and the row's peak memory.
 
     python benchmarks/finetune.py --data-dir ../shared/data --tokens 16384 --rows 2:4/masked/ce,dense
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +35,17 @@ LOSSES = {"ce": dict(ce=1.0), "ce+kd": dict(ce=1.0, kd=1.0), "ce+squarehead": di
 KEY = ("row", "method", "tokens", "seqlen", "batch_size", "lr", "nsamples", "calib_seqlen", "eval_windows", "device", "commit")
 
 
+def peak_rss_gb(reset: bool = False) -> float | None:
+    """This process's peak resident memory since the last reset (Linux), so each row reports its own."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak (VmHWM) to the current RSS
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return round(int(line.split()[1]) / 1e6, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="2:4/masked/ce,2:4/masked/ce+squarehead,2:4/admm/ce,dense",
@@ -46,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="admm", help="the one-shot pruner the rows start from")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-windows", type=lambda v: None if v == "all" else int(v), default=8,
+                   help="test windows evaluated, or 'all' (the full protocol, with --nsamples 128 --calib-seqlen 2048)")
+    p.add_argument("--model", default=None, help="dense model to prune and fine-tune (default: the bundled SmolLM2)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--note", default=None, help="free text stored with the rows (e.g. that other jobs shared the CPU)")
@@ -57,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.exists() else []
     base = dict(method=args.method, tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr, nsamples=args.nsamples,
-                calib_seqlen=args.calib_seqlen, eval_windows=args.eval_windows, device=env["machine"],
+                calib_seqlen=args.calib_seqlen, eval_windows=args.eval_windows or "all", device=env["machine"],
                 commit=env["commit"])
-    dense, tokenizer = load_model(default_model())
+    dense, tokenizer = load_model(args.model or default_model())
     calib = calibration_windows(tokenizer, "wikitext2", args.nsamples, args.calib_seqlen, 0, args.data_dir)
     eval_kw = dict(windows=args.eval_windows, device=args.device, data_dir=args.data_dir, quiet=True)
     one_shot: dict[str, tuple] = {}
@@ -67,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         want = dict(base, row=spec)
         if any(all(r.get(k) == want[k] for k in KEY) for r in rows):
             continue
+        peak_rss_gb(reset=True)
         t0 = time.perf_counter()
         if spec == "dense":
             model, patterns, masks, before = copy.deepcopy(dense), {}, None, evaluate(dense, tokenizer, **eval_kw)
@@ -81,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 one_shot[label] = (pruned, result.patterns, result.masks, evaluate(pruned, tokenizer, **eval_kw))
             pruned, patterns, masks, before = one_shot[label]
             model = copy.deepcopy(pruned)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t1 = time.perf_counter()
         cfg = FinetuneConfig(mode=mode, tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size, lr=args.lr,
                              eval_every=8, device=args.device, data_dir=args.data_dir, **LOSSES[loss])
@@ -91,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         row = dict(want, finetune_mode=mode, loss=loss, ppl_before=before["wikitext2"], ppl_after=after["wikitext2"],
                    change=after["wikitext2"] / before["wikitext2"] - 1, finetune_seconds=round(seconds, 1),
                    row_seconds=round(time.perf_counter() - t0, 1), trained_tokens=tuned.record["tokens"],
-                   val=tuned.record["val"], peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-                   command=" ".join(["python", *sys.argv]), **({"note": args.note} if args.note else {}))
+                   val=tuned.record["val"], peak_rss_row_gb=peak_rss_gb(),
+                   command=" ".join(["python", *sys.argv]), **({"note": args.note} if args.note else {}),
+                   **({"peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)} if torch.cuda.is_available() else {}))
         rows = [r for r in rows if not all(r.get(k) == row[k] for k in KEY)] + [row]
         write_json_atomic(out, {"benchmark": "benchmarks/finetune.py", "env": env, "rows": rows})
         print(f"{spec}: ppl {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ({row['change']:+.1%}) "

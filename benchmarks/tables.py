@@ -132,6 +132,20 @@ def size() -> str:
     return _table(["pattern", "pruned Linears: compressed / dense bytes", "whole checkpoint, dense → compressed"], body)
 
 
+def finetune_grid() -> str:
+    """Perplexity after fine-tuning, pattern/mode by loss (the newest row of each cell, CPU budget rows)."""
+    rows = {r["row"]: r for r in _load("finetune.json")["rows"] if r["eval_windows"] == 8}
+    losses = {"ce": "CE", "ce+kd": "CE + KD", "ce+squarehead": "CE + SquareHead"}
+    body = []
+    for pattern in ("2:4", "4x4:8", "50%"):
+        for mode in ("masked", "admm", "sr-ste"):
+            cells = [rows.get(f"{pattern}/{mode}/{loss}") for loss in losses]
+            start = next((r["ppl_before"] for r in cells if r), None)
+            body.append([f"{pattern} {mode}", f"{start:.2f}" if start else "–",
+                         *[f"{r['ppl_after']:.2f} ({r['change']:+.0%})" if r else "not run" for r in cells]])
+    return _table(["pattern, mode", "one-shot", *losses.values()], body)
+
+
 def finetune() -> str:
     rows = _load("finetune.json")["rows"]
     dense = next((r for r in rows if r["row"] == "dense"), None)
@@ -144,10 +158,11 @@ def finetune() -> str:
     body = []
     for r in rows:
         label = "dense model, same fine-tuning (reference)" if r is dense else r["row"]
+        peak = f"{r['peak_rss_row_gb']:.1f}" if r.get("peak_rss_row_gb") else "–"  # older rows: the process's peak so far
         body.append([label, str(r["trained_tokens"]), f"{r['ppl_before']:.2f} → {r['ppl_after']:.2f}",
-                     f"{r['change']:+.1%}", ratio(r), f"{r['finetune_seconds']:.0f}", r["commit"]])
+                     f"{r['change']:+.1%}", ratio(r), f"{r['finetune_seconds']:.0f}", peak, r["commit"]])
     return _table(["start (pattern/mode/loss)", "tokens", "ppl before → after", "change", "× dense before → after",
-                   "finetune s", "commit"], body)
+                   "finetune s", "peak RSS GB", "commit"], body)
 
 
 def scale() -> str:
@@ -208,7 +223,8 @@ def coverage() -> str:
     return _table(["architecture", "pruned per block", "share of block weights", "kept dense"], body)
 
 
-TABLES: dict[str, Callable[[], str]] = {"coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
+TABLES: dict[str, Callable[[], str]] = {"coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune,
+                                        "finetune-grid": finetune_grid, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size, "quant": quant}
 # a block's body never spans another block's start, so an empty body cannot swallow the text after it
