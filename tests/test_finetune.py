@@ -110,6 +110,21 @@ def test_kd_and_squarehead_train_towards_the_teacher():
         llmprune.finetune(model, None, _cfg(kd=1.0), pruned.patterns, pruned.masks, windows=WINDOWS)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["masked", "admm", "sr-ste"])
+def test_every_mode_trains_on_cuda_under_autocast(mode):
+    """The CUDA path: masks and teacher moved to the device, bf16 autocast, the pattern exact at the end."""
+    model, dense, pruned = _pruned("4x4:8" if mode == "sr-ste" else "2:4")
+    out = llmprune.finetune(model, None, _cfg(mode=mode, device="cuda", kd=1.0, admm_every=2), pruned.patterns,
+                            pruned.masks, teacher=dense, windows=WINDOWS)
+    val = [v["loss"] for v in out.record["val"]]
+    assert val[-1] < val[0] and next(model.parameters()).device.type == "cpu"  # trained there, handed back home
+    for k, p in pruned.patterns.items():
+        w = model.get_parameter(k).detach()
+        assert p.violations(w) == 0 and not w[~out.masks[k].unpack()].any()
+
+
 @pytest.mark.parametrize("mode", ["masked", pytest.param("admm", marks=SLOW), pytest.param("sr-ste", marks=SLOW)])
 def test_resumed_run_equals_uninterrupted(tmp_path, mode, monkeypatch):
     from llmprune.finetune import train as loop

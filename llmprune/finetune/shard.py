@@ -37,11 +37,11 @@ def whole(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def piece_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a whole tensor that every process holds, sharded as ``like``."""
+    """This process's shard of a whole tensor that every process holds, sharded as ``like`` (on its device)."""
+    full = full.to(local(like).device)
     if not isinstance(like, DTensor):
         return full
-    return distribute_tensor(full.to(local(like).device), like.device_mesh, like.placements,
-                             src_data_rank=None).to_local()
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def shard(model: nn.Module, device: torch.device, processes: int) -> nn.Module:
