@@ -200,25 +200,27 @@ import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
 import llmprune
-from tests.test_finetune import _pruned, _cfg, WINDOWS, PARALLEL_CASES
+from tests.test_finetune import _pruned, _cfg, WINDOWS, PARALLEL_CASES, MOE
 from accelerate import PartialState
 
 runs = {}
-for mode, pattern, fsdp, tied in PARALLEL_CASES:
-    model, _, pruned = _pruned(pattern, intermediate_size=132, tie_word_embeddings=tied)
+for i, (mode, pattern, fsdp, arch, tied) in enumerate(PARALLEL_CASES):
+    model, _, pruned = _pruned(pattern, arch=arch, intermediate_size=132, tie_word_embeddings=tied, **MOE)
     cfg = _cfg(batch_size=int(sys.argv[3]), mode=mode, fsdp=fsdp, admm_every=2, admm_rho=1.0, admm_rho_growth=2.0)
     out = llmprune.finetune(model, None, cfg, pruned.patterns, pruned.masks, windows=WINDOWS, quiet=True)
-    runs[mode, pattern, fsdp, tied] = {"loss": out.record["loss"], "val": out.record["val"], "tokens": out.record["tokens"],
+    runs[i] = {"loss": out.record["loss"], "val": out.record["val"], "tokens": out.record["tokens"],
                                  "fsdp": out.record["fsdp"], "violation": out.record.get("admm_violation"),
                                  "masks": {k: m.unpack() for k, m in out.masks.items()}, "state": model.state_dict()}
 if PartialState().is_main_process:
     torch.save(runs, sys.argv[1])
 """
-# (mode, pattern, fsdp, tied embeddings): DDP and FSDP2, each mode; 4x4:8 tiles of the 132-row MLP weights
-# straddle FSDP's 66-row shards. SR-STE re-selects masks every step, so rounding-level differences in the averaged
+# (mode, pattern, fsdp, arch, tied embeddings): DDP and FSDP2, each mode, dense and fused 3-D experts (sharded by
+# expert); 4x4:8 tiles of the 132-row MLP weights straddle FSDP's 66-row shards. SR-STE re-selects masks every step, so rounding-level differences in the averaged
 # gradients can flip tiles: on the tied tiny model they do (under DDP as under FSDP), on the untied one they don't.
-PARALLEL_CASES = [("masked", "2:4", False, True), ("admm", "2:4", False, True), ("masked", "2:4", True, True),
-                  ("admm", "4x4:8", True, True), ("sr-ste", "4x4:8", True, False)]
+PARALLEL_CASES = [("masked", "2:4", False, "llama", True), ("admm", "2:4", False, "llama", True),
+                  ("masked", "2:4", True, "llama", True), ("admm", "4x4:8", True, "llama", True),
+                  ("sr-ste", "4x4:8", True, "llama", False), ("admm", "2:4", True, "qwen3_moe", False)]
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)  # read by qwen3_moe only
 
 
 @pytest.mark.slow  # two launches of a few tiny runs (~40 s): in CI, not the quick loop
@@ -241,8 +243,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     twos, ones = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    for case in PARALLEL_CASES:
-        a, b = twos[case], ones[case]
+    for i, case in enumerate(PARALLEL_CASES):
+        a, b = twos[i], ones[i]
         assert a["fsdp"] == case[2] and not b["fsdp"], case
         assert a["tokens"] == b["tokens"] and len(a["loss"]) == len(b["loss"]), case
         torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-4, atol=1e-5, msg=str(case))
