@@ -263,9 +263,12 @@ def test_accelerate_launch_use_fsdp_runs_the_cli_sharded_and_resumes(tmp_path, t
     import subprocess
     import sys
 
+    from pathlib import Path
+
     from llmprune.export import Checkpoint, inspect
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # -m llmprune from this tree, installed or not
+    env = {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "llmprune", "finetune", "--model", str(tiny_model_dir), "--pattern", "4x4:8", "--mode", "sr-ste",
