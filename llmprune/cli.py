@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m llmprune",
         description="Prune an LLM layer by layer (ADMM, SparseGPT, Wanda, magnitude), evaluate it, save it. "
-        "Also: python -m llmprune inspect DIR.",
+        "Also: python -m llmprune inspect DIR; python -m llmprune generate --model DIR --prompt TEXT.",
     )
     io = p.add_argument_group("model and outputs")
     io.add_argument("--model", help="hub id, local directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
@@ -190,6 +190,10 @@ def _main(argv: list[str]) -> int:
         from .export import inspect_main
 
         return inspect_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        from .generate import main as generate_main
+
+        return generate_main(argv[1:])
     if argv[:1] == ["finetune"]:
         from .finetune.cli import main as finetune_main
         from .finetune.cli import summary

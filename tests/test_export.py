@@ -282,20 +282,6 @@ def test_checkpoints_without_guards_still_load(tmp_path: Path) -> None:
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(TOKENS).logits, want)
 
 
-def test_kernels_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
-    model, patterns = tiny_llama(tied=False, mixed=False)
-    out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: covered by the kernels tests")
-    with pytest.raises(LLMPruneError, match="kernels=True"):
-        load(out, kernels=True)
-    from llmprune.export.hf import LLMPruneQuantizationConfig
-
-    # the loading option reaches transformers' loader (it refuses before reading a weight)
-    with pytest.raises(LLMPruneError, match="kernels=True needs a CUDA device"):
-        AutoModelForCausalLM.from_pretrained(out, quantization_config=LLMPruneQuantizationConfig(kernels=True))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_plain_from_pretrained_builds_the_kernel_modules(tmp_path: Path) -> None:

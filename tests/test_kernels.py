@@ -48,14 +48,14 @@ def test_no_clash_with_hugging_face_kernels() -> None:
     from transformers.integrations import hub_kernels  # noqa: F401 - imports hf_kernels when present
 
     import llmprune.kernels as ours
-    from llmprune.export.loader import _sparse_linear
+    from llmprune.export.loader import check_kernels
 
     assert hf_kernels is not ours and Path(hf_kernels.__file__).parent != Path(ours.__file__).parent
     assert hasattr(hf_kernels, "get_kernel") and not hasattr(hf_kernels, "SparseLinear")
     assert ours.SparseLinear.from_weight is not None
-    if not HAS_CUDA:  # our loader resolves our SparseLinear, then refuses the missing device
-        with pytest.raises(Exception, match="needs a CUDA device"):
-            _sparse_linear(torch.device("cpu"))
+    if not HAS_CUDA:  # our loader resolves our kernels, then refuses the missing device
+        with pytest.raises(Exception, match="runs on the CPU or a CUDA device"):
+            check_kernels({"w.weight": parse_pattern("2:4")}, torch.device("cuda"))
 
 
 # --- layouts (CPU reference) -------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_sparse_linear_cpu(spec: str, with_bias: bool) -> None:
     bias = torch.randn(32) if with_bias else None
     mod = SparseLinear.from_weight(w, parse_pattern(spec), bias)
     x = torch.randn(2, 3, 96)
-    assert mod.kernel_for(x) == "torch"
+    assert mod.kernel_for(x) == "cpu"  # the C++ kernels (tests/test_cpu_kernels.py)
     torch.testing.assert_close(mod(x), F.linear(x, w, bias))
     again = SparseLinear(mod.layout, torch.empty_like(mod.values), torch.empty_like(mod.meta), (32, 96), mod.bias)
     again.load_state_dict(mod.state_dict())

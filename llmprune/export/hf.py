@@ -101,11 +101,6 @@ class LLMPruneQuantizer(HfQuantizer):
         self._targets: dict | None = None
         self.parts: dict[str, dict[str, torch.Tensor]] = {}  # kept for the kernel modules (kernels=True)
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if self.quantization_config.kernels and not torch.cuda.is_available():
-            raise LLMPruneError("kernels=True needs a CUDA device (CUDA not available): load without it for a "
-                                "dense model")
-
     def targets(self, model: torch.nn.Module) -> dict:
         if self._targets is None:
             sc = getattr(model.config, schema.CONFIG_KEY, None)
@@ -116,7 +111,11 @@ class LLMPruneQuantizer(HfQuantizer):
         return self._targets
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
-        self.targets(model)  # refuse what cannot load before reading any weight
+        targets = self.targets(model)  # refuse what cannot load before reading any weight
+        if self.quantization_config.kernels:
+            from .loader import check_kernels
+
+            check_kernels(targets, None)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         if self.quantization_config.kernels:

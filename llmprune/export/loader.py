@@ -57,20 +57,29 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _sparse_linear(device: torch.device) -> type:
-    """The kernels package's ``SparseLinear``, or a clear error saying why it can't be used."""
-    from ..kernels import SparseLinear
+def check_kernels(targets: dict[str, Pattern], device: torch.device | None) -> None:
+    """Refuse ``kernels=True`` in one line, before any weight is read, where the kernel modules can't run it
+    (``device`` None: where transformers' ``device_map`` puts the model, which it checks itself)."""
+    from ..kernels.linear import unsupported
 
-    if not torch.cuda.is_available() or device.type != "cuda":
-        raise LLMPruneError(f"kernels=True needs a CUDA device (got device={device}, "
+    if device is not None and (device.type not in ("cpu", "cuda")
+                               or device.type == "cuda" and not torch.cuda.is_available()):
+        raise LLMPruneError(f"kernels=True runs on the CPU or a CUDA device (got device={device}, "
                             f"CUDA {'available' if torch.cuda.is_available() else 'not available'})")
-    return SparseLinear
+    if not any(p.structured or p.sparsity > 0 or p.quant is not None for p in targets.values()):
+        raise LLMPruneError("kernels=True needs a pruned or quantized checkpoint: this one has no pruned layers "
+                            "(load it without kernels=True)")
+    for name, pattern in targets.items():
+        if name.endswith(".weight") and (reason := unsupported(pattern)):
+            raise LLMPruneError(f"kernels=True: {name}: {reason}")
 
 
 def kernel_linear(name: str, linear: nn.Linear, pattern: Pattern, mask: torch.Tensor,
                   parts: dict[str, torch.Tensor] | None, device: torch.device) -> nn.Module:
-    """The kernels package's module for pruned Linear ``name`` on CUDA ``device``: ``Int4Linear`` from the
-    stored ``parts`` of a quantized pattern, else ``SparseLinear`` from the weight and the pruner's ``mask``."""
+    """The kernels package's module for pruned Linear ``name`` on ``device`` (CPU or CUDA): ``Int4Linear`` from
+    the stored ``parts`` of a quantized pattern, else ``SparseLinear`` from the weight and the pruner's ``mask``."""
+    from ..kernels import SparseLinear
+
     bias = None if linear.bias is None else linear.bias.detach().to(device)
     if pattern.quant is not None:
         from ..kernels.int4 import Int4Linear, from_parts
@@ -80,7 +89,7 @@ def kernel_linear(name: str, linear: nn.Linear, pattern: Pattern, mask: torch.Te
         except ValueError as exc:
             raise LLMPruneError(f"{name}: {exc}") from exc
         return Int4Linear(packed, bias).to(device)
-    return _sparse_linear(device).from_weight(linear.weight.detach().to(device), pattern, bias, mask=mask.to(device))
+    return SparseLinear.from_weight(linear.weight.detach().to(device), pattern, bias, mask=mask.to(device))
 
 
 def _skeleton(config: transformers.PretrainedConfig) -> nn.Module:
@@ -100,14 +109,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     """Load a checkpoint saved by llmprune (either format) as an eval-mode transformers model.
 
     ``dtype`` casts floating parameters (default: as stored). ``compressed_modules`` keeps pruned Linears
-    as :class:`CompressedLinear`; ``kernels`` swaps in ``llmprune.kernels.SparseLinear`` (needs CUDA).
+    as :class:`CompressedLinear`; ``kernels`` swaps in the kernels package's ``SparseLinear`` / ``Int4Linear``
+    (C++ kernels on the CPU, Triton on CUDA).
     """
     dtype, device = _dtype(dtype), torch.device(device)
     if kernels and compressed_modules:
         raise LLMPruneError("choose either compressed_modules or kernels, not both")
-    if kernels:
-        _sparse_linear(device)  # refuse before reading anything
     ckpt = Checkpoint(path)
+    if kernels:
+        check_kernels(ckpt.targets, device)  # refuse before reading any weight
     config = ckpt.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # the model comes out dense (or with llmprune's own sparse modules)

@@ -132,7 +132,8 @@ def int4_mm(x: torch.Tensor, w: Int4Weight, block_n: int = 32, block_k: int = 12
 
 class Int4Linear(torch.nn.Module):
     """An inference Linear holding an :class:`Int4Weight`: the Triton kernel on CUDA for fp16/bf16 inputs of
-    at most 16 tokens, else the weight dequantised for the call (prefill, CPU)."""
+    at most 16 tokens, the C++ kernels (:mod:`kernels.cpu`) on the CPU, else the weight dequantised for the
+    call (CUDA prefill, no C++ build)."""
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -149,7 +150,11 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) and flat.shape[0] <= 16:
+        from . import cpu
+
+        if flat.device.type == "cpu" and flat.shape[0] and cpu.available():
+            y = cpu.linear(flat, self.weight4, self.bias)
+        elif flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) and flat.shape[0] <= 16:
             y = int4_mm(flat, self.weight4)
             y = y if self.bias is None else y + self.bias
         else:

@@ -8,12 +8,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cusparselt
+from . import cpu, cusparselt
 from .dispatch import DispatchTable, default_table, layout_key
 from .formats import Layout, PackedWeight, layout_for, pack, unpack
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HALF = (torch.float16, torch.bfloat16)
+SUPPORTED = ("N:M and RxC:K patterns (tiles of at most 32 weights) with float values, 2:4 + int4, "
+             "and int4 without sparsity")
+
+
+def unsupported(pattern: object) -> str | None:
+    """Why the kernel modules can't hold a weight pruned to ``pattern`` (a ``Pattern``), or None if they can."""
+    quant = getattr(pattern, "quant", None)
+    kind = getattr(pattern, "kind", None)
+    if quant is not None:
+        is_24 = kind == "nm" and (pattern.n, pattern.m) == (2, 4)
+        if quant.bits == 4 and (is_24 or not pattern.structured and pattern.sparsity == 0):
+            return None
+    elif kind in ("nm", "tile"):
+        try:
+            layout_for(pattern)
+            return None
+        except ValueError:
+            pass
+    return f"the kernels run {SUPPORTED}, not {getattr(pattern, 'label', pattern)}"
 
 
 def _triton():
@@ -26,8 +45,9 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + bias`` with W packed (see :mod:`kernels.formats`), dispatched by token count.
 
     On CUDA with fp16/bf16 inputs the :class:`~kernels.dispatch.DispatchTable` picks the Triton kernel,
-    cuSPARSELt (2:4) or decompress-then-cuBLAS for ``M = x.numel() // in_features``; anywhere else
-    (CPU, fp32, no triton) the weight is decompressed with pure torch for the call.
+    cuSPARSELt (2:4) or decompress-then-cuBLAS for ``M = x.numel() // in_features``; on the CPU the C++
+    kernels (:mod:`kernels.cpu`) run it; anywhere else (CUDA fp32, no C++ build) the weight is decompressed
+    with pure torch for the call.
     """
 
     def __init__(
@@ -95,8 +115,10 @@ class SparseLinear(nn.Module):
         )
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """The path ``forward`` takes for input ``x``: "triton", "cusparselt", "dense" or "torch" (CPU)."""
+        """The path ``forward`` takes for input ``x``: "triton", "cusparselt", "dense", "cpu" or "torch"."""
         m = x.numel() // self.in_features
+        if x.device.type == "cpu":
+            return "cpu" if m and cpu.available() else "torch"
         if not x.is_cuda or x.dtype != self.values.dtype or x.dtype not in _HALF or m == 0:
             return "torch"
         kernel = self.table.choose(self.layout, self.out_features, self.in_features, m)
@@ -109,7 +131,9 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = self.kernel_for(x)
-        if kernel == "triton":
+        if kernel == "cpu":
+            y = cpu.linear(x2, self.packed, self.bias)
+        elif kernel == "triton":
             y = _triton().sparse_mm(x2, self.packed, self.bias)
         elif kernel == "cusparselt":
             if self._cslt is None:

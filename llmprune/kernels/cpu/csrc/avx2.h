@@ -1,0 +1,201 @@
+// AVX2 + FMA + F16C row kernels: one tile row of a packed weight against MB tokens of x (fp32, padded to kp).
+// Each is the vector form of decode_tile_row (packed.h) followed by dot products; ops.cpp picks one or falls
+// back to that scalar path.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "packed.h"
+
+namespace llmp {
+
+struct Luts {
+  alignas(32) int32_t nm24[256][8];     // byte of 2:4 meta (2 groups) -> lanes of x to gather, twice
+  alignas(32) int32_t rank_lo[256][8];  // tile code low byte: bit j -> index of its value
+  alignas(32) int32_t rank_hi[256][8];  // high byte of a 16-bit tile keeping 8: counted from the top
+  alignas(32) int32_t mask[256][8];     // bit j set -> all ones
+  Luts() {
+    for (int b = 0; b < 256; ++b) {
+      const int ga = b & 15, gb = b >> 4, pc = __builtin_popcount(b);
+      const int gather[4] = {ga & 3, ga >> 2, 4 + (gb & 3), 4 + (gb >> 2)};
+      for (int j = 0; j < 8; ++j) {
+        const int rank = __builtin_popcount(b & ((1 << j) - 1));
+        nm24[b][j] = gather[j & 3];
+        rank_lo[b][j] = rank & 7;
+        rank_hi[b][j] = (8 - pc + rank) & 7;
+        mask[b][j] = ((b >> j) & 1) ? -1 : 0;
+      }
+    }
+  }
+};
+inline const Luts& luts() {
+  static const Luts l;
+  return l;
+}
+
+inline float hsum128(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+inline float hsum(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
+inline __m256i lut(const int32_t (*t)[8], uint32_t b) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(t[b])); }
+
+// Eight consecutive values (or codes, as floats) starting at value j of a tile row.
+struct F32 {
+  static constexpr bool quant = false;
+  static __m256 load(const uint8_t* p, int64_t j) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + j); }
+};
+struct F16 {
+  static constexpr bool quant = false;
+  static __m256 load(const uint8_t* p, int64_t j) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * j)));
+  }
+};
+struct BF16 {
+  static constexpr bool quant = false;
+  static __m256 load(const uint8_t* p, int64_t j) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * j)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+struct Q4 {
+  static constexpr bool quant = true;
+  static __m256 load(const uint8_t* p, int64_t j) {  // 8 codes from 4 bytes, low nibble first
+    int32_t b;
+    std::memcpy(&b, p + j / 2, 4);
+    const __m128i v = _mm_cvtsi32_si128(b), m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+  }
+};
+struct Q8 {
+  static constexpr bool quant = true;
+  static __m256 load(const uint8_t* p, int64_t j) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j))));
+  }
+};
+
+// 2:4: per meta word (32 columns, 16 values) gather x at the kept columns with two permutes a ymm, then
+// FMA with the values: the multiply-adds are half of dense. Quantized values accumulate (u - zero) * x per
+// group (gs a multiple of 32, or one group) and are scaled once per group.
+template <class V, int MB>
+void nm24_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(n);
+  const uint8_t* v = w.vrow(n);
+  const int64_t words = w.kp / 32, wpg = (!V::quant || w.groups == 1) ? words : w.gs / 32;
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t w0 = 0; w0 < words; w0 += wpg) {
+    const int64_t w1 = std::min(words, w0 + wpg), g = V::quant ? w.group_of(w0 * 32) : 0;
+    const __m256 z = V::quant ? _mm256_set1_ps(w.zero_at(n, g)) : _mm256_setzero_ps();
+    __m256 part[MB];
+    for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
+    for (int64_t wi = w0; wi < w1; ++wi) {
+      const uint32_t word = static_cast<uint32_t>(meta[wi]);
+      const __m256i p0 = lut(L.nm24, word & 255), p1 = lut(L.nm24, (word >> 8) & 255);
+      const __m256i p2 = lut(L.nm24, (word >> 16) & 255), p3 = lut(L.nm24, word >> 24);
+      __m256 v0 = V::load(v, wi * 16), v1 = V::load(v, wi * 16 + 8);
+      if (V::quant) v0 = _mm256_sub_ps(v0, z), v1 = _mm256_sub_ps(v1, z);
+      for (int m = 0; m < MB; ++m) {
+        const float* xp = x + m * xs + wi * 32;
+        const __m256 g0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xp), p0),
+                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(xp + 8), p1), 0xF0);
+        const __m256 g1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xp + 16), p2),
+                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(xp + 24), p3), 0xF0);
+        part[m] = _mm256_fmadd_ps(v1, g1, _mm256_fmadd_ps(v0, g0, part[m]));
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      acc[m] = V::quant ? _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), part[m], acc[m])
+                        : _mm256_add_ps(acc[m], part[m]);
+  }
+  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(acc[m]);
+}
+
+// 4x4:8: a tile's 8 values expand to its 4 rows x 4 columns (two ymm: rows 0-1, rows 2-3) by one permute
+// and mask each; x's 4 columns are broadcast to both halves. The values of rows 2-3 are the last
+// 8 - popcount(low byte), so both tables depend on one byte only.
+template <class V, int MB>
+void tile44_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* y, int64_t ys) {
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(tr);
+  const uint8_t* v = w.vrow(tr);
+  __m256 a01[MB], a23[MB];
+  for (int m = 0; m < MB; ++m) a01[m] = a23[m] = _mm256_setzero_ps();
+  for (int64_t t = 0, tiles = w.kp / 4; t < tiles; ++t) {
+    const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
+    const uint32_t lo = code & 255, hi = code >> 8;
+    const __m256 val = V::load(v, t * 8);
+    const __m256 d01 = _mm256_and_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)),
+                                     _mm256_castsi256_ps(lut(L.mask, lo)));
+    const __m256 d23 = _mm256_and_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi)),
+                                     _mm256_castsi256_ps(lut(L.mask, hi)));
+    for (int m = 0; m < MB; ++m) {
+      const __m256 xx = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + m * xs + t * 4));
+      a01[m] = _mm256_fmadd_ps(d01, xx, a01[m]);
+      a23[m] = _mm256_fmadd_ps(d23, xx, a23[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float* ym = y + m * ys;
+    ym[0] = hsum128(_mm256_castps256_ps128(a01[m]));
+    ym[1] = hsum128(_mm256_extractf128_ps(a01[m], 1));
+    ym[2] = hsum128(_mm256_castps256_ps128(a23[m]));
+    ym[3] = hsum128(_mm256_extractf128_ps(a23[m], 1));
+  }
+}
+
+// Unpruned int4 / int8 codes: 32 columns a step, the columns past the last whole step in scalar code
+// (a row's codes end there, so the vector loads must too).
+template <int BITS, int MB>
+void dense_q_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
+  const uint8_t* v = w.vrow(n);
+  const int64_t full = w.k / 32 * 32, span = w.groups == 1 ? std::max<int64_t>(full, 32) : w.gs;
+  const __m128i m15 = _mm_set1_epi8(15);
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < full; c0 += span) {
+    const int64_t g = w.group_of(c0);
+    const __m256 z = _mm256_set1_ps(w.zero_at(n, g));
+    __m256 part[MB];
+    for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
+    for (int64_t col = c0, c1 = std::min(full, c0 + span); col < c1; col += 32) {
+      __m256 f[4];
+      if (BITS == 4) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + col / 2));
+        const __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+        const __m128i c0v = _mm_unpacklo_epi8(lo, hi), c1v = _mm_unpackhi_epi8(lo, hi);
+        f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c0v));
+        f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c0v, 8)));
+        f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c1v));
+        f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c1v, 8)));
+      } else {
+        for (int i = 0; i < 4; ++i) f[i] = Q8::load(v, col + 8 * i);
+      }
+      for (int i = 0; i < 4; ++i) f[i] = _mm256_sub_ps(f[i], z);
+      for (int m = 0; m < MB; ++m)
+        for (int i = 0; i < 4; ++i) part[m] = _mm256_fmadd_ps(f[i], _mm256_loadu_ps(x + m * xs + col + 8 * i), part[m]);
+    }
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), part[m], acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    float t = hsum(acc[m]);
+    for (int64_t col = full; col < w.k; ++col) t += w.value(n, col, n, col) * x[m * xs + col];
+    y[m * ys] = t;
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {  // k a multiple of 8 (padded rows)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i < k; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+}  // namespace llmp

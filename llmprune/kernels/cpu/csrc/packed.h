@@ -1,0 +1,88 @@
+// A packed pruned weight as the CPU kernels see it, and the scalar decoder every layout falls back to.
+//
+// Layouts (llmprune/kernels/formats.py and int4.py): a weight [n, k] in tiles of r x c keeping kv each;
+// values (or uint8 codes) tile by tile along a tile row, int32 meta words holding 32 / (r*c) tile codes.
+//   NM24  (r=1, c=4, kv=2): code = i0 | i1 << 2, values in column order.
+//   TILE  (any r x c dividing 32 bits): code = occupancy bits (row*c + col), values in bit order.
+//   DENSE (r=1, no meta): every column stored (int4 / int8 codes of an unpruned weight).
+// Quantized values (bits 4 or 8) are unsigned codes u, decoded as (u - zero) * scale per row and group of
+// gs input columns; int4 puts two codes a byte, the first in the low nibble.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace llmp {
+
+enum Kind : int64_t { NM24 = 0, TILE = 1, DENSE = 2 };
+
+struct Packed {
+  int64_t kind, r, c, kv, n, k, kp;  // kp: K padded to whole meta words (DENSE: to 32 columns)
+  int64_t bits;                      // 0: float values of vdtype; 4 or 8: codes
+  at::ScalarType vdtype;
+  const uint8_t* values;             // values or codes, tile row tr at values + tr * vstride bytes
+  int64_t vstride;
+  const int32_t* meta;               // tile row tr at meta + tr * mstride words
+  int64_t mstride;
+  const at::Half* scale;             // [n, groups] (quantized only)
+  const uint8_t* zero;               // [n, groups] or null: symmetric, zero = 2^(bits-1)
+  int64_t groups, gs;
+
+  int64_t tile_rows() const { return n / r; }
+  int64_t tiles_per_word() const { return 32 / (r * c); }
+  const uint8_t* vrow(int64_t tr) const { return values + tr * vstride; }
+  const int32_t* mrow(int64_t tr) const { return meta + tr * mstride; }
+  int64_t group_of(int64_t col) const { return std::min(col / gs, groups - 1); }  // padded columns: last
+  float scale_at(int64_t row, int64_t g) const { return static_cast<float>(scale[row * groups + g]); }
+  float zero_at(int64_t row, int64_t g) const {
+    return zero ? static_cast<float>(zero[row * groups + g]) : static_cast<float>(1 << (bits - 1));
+  }
+
+  // Value j of tile row tr, belonging to weight row `row` and column `col` (for its group).
+  float value(int64_t tr, int64_t j, int64_t row, int64_t col) const {
+    const uint8_t* v = vrow(tr);
+    if (bits == 0) {
+      switch (vdtype) {
+        case at::kFloat: return reinterpret_cast<const float*>(v)[j];
+        case at::kHalf: return static_cast<float>(reinterpret_cast<const at::Half*>(v)[j]);
+        default: return static_cast<float>(reinterpret_cast<const at::BFloat16*>(v)[j]);
+      }
+    }
+    const int u = bits == 8 ? v[j] : (v[j >> 1] >> ((j & 1) * 4)) & 15;
+    const int64_t g = group_of(col);
+    return (static_cast<float>(u) - zero_at(row, g)) * scale_at(row, g);
+  }
+};
+
+// Scalar reference: tile row tr as r dense rows of floats, ld apart (ld >= kp; padding columns decode to 0).
+inline void decode_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld) {
+  std::memset(out, 0, sizeof(float) * w.r * ld);
+  if (w.kind == DENSE) {
+    for (int64_t col = 0; col < w.k; ++col) out[col] = w.value(tr, col, tr, col);
+    return;
+  }
+  const int64_t rc = w.r * w.c, tpw = w.tiles_per_word(), words = w.kp / (w.c * tpw);
+  const int32_t* meta = w.mrow(tr);
+  for (int64_t wi = 0; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    for (int64_t t = 0; t < tpw; ++t) {
+      const int64_t tile = wi * tpw + t;
+      const uint32_t code = (word >> (t * rc)) & ((rc == 32) ? 0xFFFFFFFFu : ((1u << rc) - 1));
+      int64_t j = tile * w.kv;
+      if (w.kind == NM24) {
+        const int64_t col0 = tile * 4, i0 = code & 3, i1 = code >> 2;
+        out[col0 + i0] = w.value(tr, j, tr, col0 + i0);
+        out[col0 + i1] = w.value(tr, j + 1, tr, col0 + i1);
+        continue;
+      }
+      for (int64_t b = 0; b < rc; ++b) {
+        if (!((code >> b) & 1)) continue;
+        const int64_t row = b / w.c, col = tile * w.c + b % w.c;
+        out[row * ld + col] = w.value(tr, j++, tr * w.r + row, col);
+      }
+    }
+  }
+}
+
+}  // namespace llmp

@@ -1,0 +1,43 @@
+"""Python face of the CPU ops: the arguments of a packed weight, ``linear`` and the ``decode`` reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import PackedWeight
+from ..int4 import Int4Weight
+from .build import available
+
+SMALL_M = 16  # up to this many tokens the row kernels run; above, decoded rows go through the BLAS
+NM24, TILE, DENSE = 0, 1, 2
+
+
+def weight_args(w: PackedWeight | Int4Weight) -> tuple:
+    """``(values, meta, scale, zero, kind, r, c, kv, n, k, bits, group_size)`` as the ops take them."""
+    n, k = w.shape
+    if isinstance(w, Int4Weight):
+        kind, geometry = (NM24, (1, 4, 2)) if w.sparse else (DENSE, (1, 1, 1))
+        return (w.codes, w.meta, w.scale, w.zero, kind, *geometry, n, k, 4, w.group_size)
+    lay = w.layout
+    kind = NM24 if lay.fmt == "2:4" else TILE
+    return (w.values, w.meta, None, None, kind, lay.r, lay.c, lay.kv, n, k, 0, 0)
+
+
+def linear(x: torch.Tensor, w: PackedWeight | Int4Weight, bias: torch.Tensor | None = None,
+           small_m: int = SMALL_M) -> torch.Tensor:
+    """``x [M, K] @ W.T + bias`` in ``x``'s dtype, computed in fp32 by the C++ kernels (``available()`` first)."""
+    *parts, = weight_args(w)
+    return torch.ops.llmprune_cpu.linear(x, *parts[:4], bias, *parts[4:], small_m)
+
+
+def decode(w: PackedWeight | Int4Weight) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` by the kernels' scalar decoder."""
+    return torch.ops.llmprune_cpu.decode(*weight_args(w))
+
+
+def threads_used(items: int = 64) -> int:
+    """How many of torch's intra-op threads one ``at::parallel_for`` of the kernels ran on."""
+    return torch.ops.llmprune_cpu.threads_used(items)
+
+
+__all__ = ["SMALL_M", "available", "decode", "linear", "threads_used", "weight_args"]
