@@ -121,14 +121,16 @@ void decode_rows(const Packed& w, int64_t t0, int64_t t1, float* out, int64_t ld
   });
 }
 
-// Many tokens: decode ~4 MB of rows at a time and hand them to the BLAS (no dense copy is kept).
-void prefill(const Packed& w, const at::Tensor& xf, at::Tensor& y, int64_t ld) {
+// Many tokens: decode ~4 MB of rows at a time and hand them to the BLAS in x's dtype (the GEMM dense x's
+// dtype gets: bf16 runs oneDNN's bf16 kernels where the CPU has them); no dense copy is kept.
+void prefill(const Packed& w, const at::Tensor& xf, at::ScalarType dtype, at::Tensor& y, int64_t ld) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 20) / (w.r * ld));
+  const at::Tensor xd = xf.to(dtype);
   at::Tensor buf = at::empty({chunk * w.r, ld}, xf.options());
   for (int64_t t0 = 0; t0 < w.tile_rows(); t0 += chunk) {
     const int64_t t1 = std::min(w.tile_rows(), t0 + chunk), rows = (t1 - t0) * w.r;
     decode_rows(w, t0, t1, buf.data_ptr<float>(), ld);
-    y.narrow(1, t0 * w.r, rows).copy_(at::mm(xf, buf.narrow(0, 0, rows).t()));
+    y.narrow(1, t0 * w.r, rows).copy_(at::mm(xd, buf.narrow(0, 0, rows).to(dtype).t()));
   }
 }
 
@@ -142,7 +144,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const Opt& meta
   xf.narrow(1, 0, k).copy_(x);
   at::Tensor y = at::empty({M, n}, xf.options());
   if (M > small_m)
-    prefill(w, xf, y, ld);
+    prefill(w, xf, x.scalar_type(), y, ld);
   else if (M > 0)
     small(w, xf.data_ptr<float>(), M, ld, y.data_ptr<float>());
   if (bias) y.add_(*bias);

@@ -55,33 +55,53 @@ struct Packed {
   }
 };
 
+// Value j of a float tile row, typed (the decoder's inner loop has no switch).
+template <class T>
+inline float as_float(const uint8_t* v, int64_t j) {
+  return static_cast<float>(reinterpret_cast<const T*>(v)[j]);
+}
+
 // Scalar reference: tile row tr as r dense rows of floats, ld apart (ld >= kp; padding columns decode to 0).
-inline void decode_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld) {
+// `val(j, row, col)` gives value j of the tile row, which sits at weight row `row`, column `col`.
+template <class Val>
+inline void scatter_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld, const Val& val) {
   std::memset(out, 0, sizeof(float) * w.r * ld);
   if (w.kind == DENSE) {
-    for (int64_t col = 0; col < w.k; ++col) out[col] = w.value(tr, col, tr, col);
+    for (int64_t col = 0; col < w.k; ++col) out[col] = val(col, tr, col);
     return;
   }
   const int64_t rc = w.r * w.c, tpw = w.tiles_per_word(), words = w.kp / (w.c * tpw);
+  const uint32_t bits = rc == 32 ? 0xFFFFFFFFu : (1u << rc) - 1;
   const int32_t* meta = w.mrow(tr);
   for (int64_t wi = 0; wi < words; ++wi) {
     const uint32_t word = static_cast<uint32_t>(meta[wi]);
     for (int64_t t = 0; t < tpw; ++t) {
       const int64_t tile = wi * tpw + t;
-      const uint32_t code = (word >> (t * rc)) & ((rc == 32) ? 0xFFFFFFFFu : ((1u << rc) - 1));
+      const uint32_t code = (word >> (t * rc)) & bits;
       int64_t j = tile * w.kv;
       if (w.kind == NM24) {
         const int64_t col0 = tile * 4, i0 = code & 3, i1 = code >> 2;
-        out[col0 + i0] = w.value(tr, j, tr, col0 + i0);
-        out[col0 + i1] = w.value(tr, j + 1, tr, col0 + i1);
+        out[col0 + i0] = val(j, tr, col0 + i0);
+        out[col0 + i1] = val(j + 1, tr, col0 + i1);
         continue;
       }
-      for (int64_t b = 0; b < rc; ++b) {
-        if (!((code >> b) & 1)) continue;
-        const int64_t row = b / w.c, col = tile * w.c + b % w.c;
-        out[row * ld + col] = w.value(tr, j++, tr * w.r + row, col);
+      for (uint32_t rest = code; rest; rest &= rest - 1) {
+        const int64_t b = __builtin_ctz(rest), row = b / w.c, col = tile * w.c + b % w.c;
+        out[row * ld + col] = val(j++, tr * w.r + row, col);
       }
     }
+  }
+}
+
+inline void decode_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld) {
+  const uint8_t* v = w.vrow(tr);
+  if (w.bits) return scatter_tile_row(w, tr, out, ld, [&](int64_t j, int64_t row, int64_t col) {
+    return w.value(tr, j, row, col);
+  });
+  switch (w.vdtype) {
+    case at::kFloat: return scatter_tile_row(w, tr, out, ld, [v](int64_t j, int64_t, int64_t) { return as_float<float>(v, j); });
+    case at::kHalf: return scatter_tile_row(w, tr, out, ld, [v](int64_t j, int64_t, int64_t) { return as_float<at::Half>(v, j); });
+    default: return scatter_tile_row(w, tr, out, ld, [v](int64_t j, int64_t, int64_t) { return as_float<at::BFloat16>(v, j); });
   }
 }
 

@@ -1,0 +1,255 @@
+"""CPU speed of the packed kernels against torch's dense and weight-only quantized Linears.
+
+``--part linear``: one Linear at Llama-2-7B (MLP, attention) and SmolLM2 shapes, M tokens, 1 and 2 threads;
+dense fp32 / bf16 / fp16 (``F.linear``), torch's weight-only int8 (``_weight_int8pack_mm``) and int4 g128
+(``_weight_int4pack_mm_for_cpu``), and ours (``llmprune.kernels.cpu``) for 2:4 and 4x4:8 with bf16
+values, 2:4 + int4 g128 and int4 g128. Median of ``--reps`` calls after warm-up; every output is first
+checked against the dense matmul of the decompressed weight (``ok``). GB/s = weight bytes / time, beside
+the copy bandwidth of the same run.
+
+``--part e2e``: greedy decode, batch 1, ``--new-tokens`` after a short prompt (``llmprune.generate.greedy``:
+static KV cache), for the bundled SmolLM2 and a Llama-3.2-1B-shaped model with random weights; every
+decoder Linear magnitude-pruned and packed in memory (speed only: the weights' quality is irrelevant).
+
+    python benchmarks/cpu.py --part linear
+    python benchmarks/cpu.py --part e2e --models smollm2 --new-tokens 128
+
+Rows are kept per (part, shape/model, M, threads, kind, machine); timing on a shared machine is noisy:
+run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmprune.kernels import SparseLinear, cpu, layout_for, pack  # noqa: E402
+from llmprune.kernels.int4 import Int4Linear, quantize  # noqa: E402
+from llmprune.patterns import parse_pattern  # noqa: E402
+from llmprune.report import environment, markdown_table, write_json_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu.json"
+SHAPES = {"7b-mlp-up": (11008, 4096), "7b-mlp-down": (4096, 11008), "7b-attn": (4096, 4096),
+          "smollm2-mlp-up": (1536, 576), "smollm2-mlp-down": (576, 1536)}
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
+
+
+def cpu_info() -> dict:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                 platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16")
+            if f in flags]
+    return {"cpu": model, "simd": simd, "kernel_isa": cpu.build.isa()}
+
+
+def median_ms(fn, reps: int) -> float:  # noqa: ANN001
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def copy_gbps() -> float:
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1)  # 256 MB, far past the L3
+    dst = torch.empty_like(src)
+    return round(2 * src.nbytes / median_ms(lambda: dst.copy_(src), 5) / 1e6, 1)
+
+
+def candidates(w: torch.Tensor) -> dict:
+    """kind -> (call(x_bf16_or_f32) -> y, weight bytes, reference weight fp32)."""
+    n, k = w.shape
+    out = {}
+    for name, dt in (("dense fp32", torch.float32), ("dense bf16", torch.bfloat16), ("dense fp16", torch.float16)):
+        wd = w.to(dt)
+        out[name] = (lambda x, wd=wd: F.linear(x.to(wd.dtype), wd), wd.nbytes, wd.float())
+    scale8 = w.abs().amax(1).clamp_min(1e-8) / 127
+    q8 = (w / scale8[:, None]).round().to(torch.int8)
+    s8 = scale8.bfloat16()
+    out["torch int8 w-only"] = (lambda x: torch._weight_int8pack_mm(x.bfloat16(), q8, s8), q8.nbytes + s8.nbytes,
+                                q8.float() * s8.float()[:, None])
+    if k % 128:  # torch's int4 op needs whole groups
+        return out | ours(w)
+    w4 = quantize(w, 128, sparse=False, symmetric=False)
+    codes = torch.stack([w4.codes & 15, w4.codes >> 4], -1).flatten(1)[:, :k].int()
+    sz = torch.stack([w4.scale.float(), (8 - w4.zero.float()) * w4.scale.float()], -1)  # torch: (q - 8) * s + z
+    sz = sz.transpose(0, 1).contiguous().bfloat16()
+    packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    ref4 = ((codes.float() - 8) * sz.float().transpose(0, 1)[..., 0].repeat_interleave(128, 1)[:, :k]
+            + sz.float().transpose(0, 1)[..., 1].repeat_interleave(128, 1)[:, :k])
+    out["torch int4 w-only g128"] = (lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, 128, sz),
+                                     packed4.nbytes + sz.nbytes, ref4)
+    return out | ours(w)
+
+
+def ours(w: torch.Tensor) -> dict:
+    out = {}
+    for spec in ("2:4", "4x4:8"):
+        keep = parse_pattern(spec).project(w.abs())
+        pw = pack((w * keep).bfloat16(), layout_for(spec), keep)
+        out[f"ours {spec} bf16"] = (lambda x, pw=pw: cpu.linear(x, pw), pw.nbytes, (w * keep).bfloat16().float())
+    for name, sparse in (("ours 2:4+int4 g128", True), ("ours int4 g128", False)):
+        q = quantize(w, 128, sparse=sparse)
+        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())
+    return out
+
+
+def linear_rows(args: argparse.Namespace, env: dict) -> list[dict]:
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = SHAPES[shape]
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+        cands = candidates(w)
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for m in (int(v) for v in args.m.split(",")):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+                base = None
+                for kind, (call, nbytes, ref) in cands.items():
+                    want = x.float() @ ref.T
+                    got = call(x).float()
+                    ok = bool(((got - want).abs().max() <= 2e-2 * want.abs().max()).item())
+                    ms = median_ms(lambda call=call: call(x), args.reps if m <= 16 else max(3, args.reps // 6))
+                    base = ms if kind == "dense bf16" else base
+                    rows.append(dict(part="linear", shape=shape, n=n, k=k, m=m, threads=threads, kind=kind,
+                                     ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), weight_bytes=nbytes, ok=ok,
+                                     **env))
+                    print(f"{shape} M={m} T={threads} {kind}: {ms:.3f} ms ok={ok}", flush=True)
+                for r in rows[-len(cands):]:
+                    r["vs_bf16"] = round(base / r["ms"], 3)
+    return rows
+
+
+def swap(model: torch.nn.Module, kind: str) -> None:
+    """Replace every decoder Linear by its packed form (magnitude-pruned) or a torch int8 weight-only one."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and ".layers." in name]
+    for name, lin in targets:
+        w = lin.weight.detach().float()
+        if kind == "torch int8 w-only":
+            new = Int8WeightOnly(w)
+        elif kind.endswith("+int4"):
+            new = Int4Linear(quantize(w, 128, sparse=kind.startswith("2:4"), symmetric=False))
+        else:
+            keep = parse_pattern(kind).project(w.abs())
+            new = SparseLinear.from_weight((w * keep).to(lin.weight.dtype), kind, mask=keep)
+        model.set_submodule(name, new)
+
+
+class Int8WeightOnly(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        scale = w.abs().amax(1).clamp_min(1e-8) / 127
+        self.register_buffer("q", (w / scale[:, None]).round().to(torch.int8))
+        self.register_buffer("s", scale.bfloat16())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch._weight_int8pack_mm(flat.bfloat16(), self.q, self.s).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def build_model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if name == "smollm2":
+        from llmprune.models import default_model, load_model
+
+        model, tokenizer = load_model(default_model(), quiet=True)
+        return model, tokenizer("The capital of France is", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_1B)).eval()
+    return model, torch.randint(0, 1000, (1, 6))
+
+
+def e2e_rows(args: argparse.Namespace, env: dict) -> list[dict]:
+    import copy
+
+    from llmprune.generate import greedy
+
+    rows = []
+    torch.set_num_threads(int(args.threads.split(",")[-1]))
+    for name in args.models.split(","):
+        base, ids = build_model(name)
+        for kind in args.kinds.split(","):
+            model = copy.deepcopy(base)
+            if kind == "dense bf16" or kind in ("2:4", "4x4:8"):
+                model = model.bfloat16()
+            if not kind.startswith("dense"):
+                swap(model, kind)
+            greedy(model, ids, 4)  # warm-up: first-use costs out of the timing
+            runs = [greedy(model, ids, args.new_tokens) for _ in range(args.e2e_reps)]
+            tps = statistics.median(r.decode_tokens_per_s for r in runs)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+            rows.append(dict(part="e2e", model=name, kind=kind, new_tokens=args.new_tokens,
+                             threads=torch.get_num_threads(), decode_tokens_per_s=round(tps, 2),
+                             prefill_tokens_per_s=round(statistics.median(r.prefill_tokens_per_s for r in runs), 1),
+                             peak_rss_gb=round(rss, 2), **env))
+            print(f"{name} {kind}: {tps:.1f} tokens/s (peak RSS so far {rss:.1f} GB)", flush=True)
+            del model
+        del base
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("linear", "e2e"), default="linear")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--m", default="1,4,16,256")
+    p.add_argument("--threads", default="1,2", help="linear: each; e2e: the last")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--models", default="smollm2,llama-1b-shape")
+    p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,2:4+int4,dense+int4")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--e2e-reps", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if not cpu.available():
+        print("the C++ CPU kernels are not built (see the warning above)", file=sys.stderr)
+        return 1
+    meta = environment()
+    env = dict(machine=meta["machine"], commit=meta["commit"], torch=meta["torch"], **cpu_info())
+    command = " ".join(["python", *sys.argv])
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    if args.part == "linear":
+        data["copy_gbps"] = {env["cpu"]: copy_gbps()}
+        new = linear_rows(args, env)
+    else:
+        new = e2e_rows(args, env)
+    key = ("part", "shape", "model", "m", "threads", "kind", "cpu")
+    fresh = {tuple(r.get(c) for c in key) for r in new}
+    data["rows"] = [r for r in data["rows"] if tuple(r.get(c) for c in key) not in fresh] + new
+    for r in new:
+        r["command"] = command
+    write_json_atomic(out, {"benchmark": "benchmarks/cpu.py", **data})
+    if args.part == "linear":
+        print(markdown_table(["shape", "M", "threads", "kind", "ms", "GB/s", "× bf16", "ok"],
+                             [[r["shape"], r["m"], r["threads"], r["kind"], r["ms"], r["gbps"], r["vs_bf16"], r["ok"]]
+                              for r in new]))
+    else:
+        print(markdown_table(["model", "kind", "decode tokens/s", "prefill tokens/s", "peak RSS GB"],
+                             [[r["model"], r["kind"], r["decode_tokens_per_s"], r["prefill_tokens_per_s"],
+                               r["peak_rss_gb"]] for r in new]))
+    print(json.dumps({"written": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
