@@ -210,6 +210,38 @@ def moe() -> str:
                    "batched s", "batched speed-up", "device", "commit"], body)
 
 
+def cpu_linear() -> str:
+    """benchmarks/results/cpu.json: one Linear, 2 threads, ms and speed-up over dense bf16, per kind."""
+    path = RESULTS / "cpu.json"
+    rows = [r for r in _load("cpu.json")["rows"] if r["part"] == "linear" and r["threads"] == 2] if path.is_file() else []
+    if not rows:
+        return "_Not measured yet (`python benchmarks/cpu.py --part linear`)._"
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    cells: dict[tuple[str, int], dict[str, str]] = {}
+    for r in rows:
+        mark = "" if r["ok"] else " (wrong!)"
+        cells.setdefault((r["shape"], r["m"]), {})[r["kind"]] = f"{r['ms']:.2f} ({r['vs_bf16']:.2f}×){mark}"
+    body = [[shape, str(m), *(c.get(k, "–") for k in kinds)] for (shape, m), c in cells.items()]
+    first = rows[0]
+    return (f"{first['cpu']} ({', '.join(first['simd'])}), kernels built for {first['kernel_isa']}, torch "
+            f"{first['torch']}, commit {first['commit']}; copy bandwidth in the same run "
+            f"{_load('cpu.json')['copy_gbps'].get(first['cpu'], '?')} GB/s.\n\n"
+            + _table(["shape", "M", *kinds], body))
+
+
+def cpu_e2e() -> str:
+    """benchmarks/results/cpu.json: greedy decode tokens/s, batch 1."""
+    path = RESULTS / "cpu.json"
+    rows = [r for r in _load("cpu.json")["rows"] if r["part"] == "e2e"] if path.is_file() else []
+    if not rows:
+        return "_Not measured yet (`python benchmarks/cpu.py --part e2e`)._"
+    return _table(["model", "Linears", "decode tokens/s", "prefill tokens/s", "new tokens", "threads", "peak RSS",
+                   "cpu", "commit"],
+                  [[r["model"], r["kind"], f"{r['decode_tokens_per_s']:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
+                    str(r["new_tokens"]), str(r["threads"]), f"{r['peak_rss_gb']:.1f} GB", r["cpu"], r["commit"]]
+                   for r in rows])
+
+
 def coverage() -> str:
     """benchmarks/results/coverage.json: what is pruned per architecture (one block of a tiny config)."""
     body = []
@@ -223,7 +255,7 @@ def coverage() -> str:
     return _table(["architecture", "pruned per block", "share of block weights", "kept dense"], body)
 
 
-TABLES: dict[str, Callable[[], str]] = {"coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune,
+TABLES: dict[str, Callable[[], str]] = {"cpu-linear": cpu_linear, "cpu-e2e": cpu_e2e, "coverage": coverage, "moe": moe, "demo": demo, "finetune": finetune,
                                         "finetune-grid": finetune_grid, "scale": scale, "kernels": kernels, "quality-full": full_grid, "quality-full-options": full_options,
                                         "quality-shrunk": shrunk_grid, "quality-shrunk-options": shrunk_options,
                                         "size": size, "quant": quant}

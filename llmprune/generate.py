@@ -46,14 +46,14 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Ge
     prompt = input_ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
     start = time.perf_counter()
-    logits = model(input_ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt),
+    logits = model(input_ids, cache=cache, use_cache=True, cache_position=torch.arange(prompt),
                    logits_to_keep=1).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     prefill = time.perf_counter() - start
     tokens = [int(token)]
     start = time.perf_counter()
     for pos in range(prompt, prompt + max_new_tokens - 1):
-        logits = model(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]),
+        logits = model(token, cache=cache, use_cache=True, cache_position=torch.tensor([pos]),
                        logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
