@@ -215,8 +215,10 @@ if PartialState().is_main_process:
     torch.save(runs, sys.argv[1])
 """
 # (mode, pattern, fsdp, arch, tied embeddings): DDP and FSDP2, each mode, dense and fused 3-D experts (sharded by
-# expert); 4x4:8 tiles of the 132-row MLP weights straddle FSDP's 66-row shards. SR-STE re-selects masks every step, so rounding-level differences in the averaged
-# gradients can flip tiles: on the tied tiny model they do (under DDP as under FSDP), on the untied one they don't.
+# expert); 4x4:8 tiles of the 132-row MLP weights straddle FSDP's 66-row shards. SR-STE re-selects masks every step from
+# the weights, so rounding-level differences in the averaged gradients flip near-tied tiles: whether and how many depends
+# on the CPU's reduction order (none on earlier CI machines, ~1% of the mask bits after 16 steps on an AVX-512 Xeon), so that
+# case is held to close curves and masks rather than equal ones.
 PARALLEL_CASES = [("masked", "2:4", False, "llama", True), ("admm", "2:4", False, "llama", True),
                   ("masked", "2:4", True, "llama", True), ("admm", "4x4:8", True, "llama", True),
                   ("sr-ste", "4x4:8", True, "llama", False), ("admm", "2:4", True, "qwen3_moe", False)]
@@ -247,6 +249,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         a, b = twos[i], ones[i]
         assert a["fsdp"] == case[2] and not b["fsdp"], case
         assert a["tokens"] == b["tokens"] and len(a["loss"]) == len(b["loss"]), case
+        if case[0] == "sr-ste":
+            assert abs(a["loss"][0] - b["loss"][0]) < 1e-5, case  # before any update
+            torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=5e-3, atol=0, msg=str(case))
+            same = sum(int((a["masks"][k] == b["masks"][k]).sum()) for k in b["masks"])
+            assert same >= 0.95 * sum(m.numel() for m in b["masks"].values()), case
+            continue
         torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-4, atol=1e-5, msg=str(case))
         if case[0] == "admm":  # the penalty counts once however many processes share the batch
             torch.testing.assert_close(torch.tensor(a["violation"]), torch.tensor(b["violation"]), rtol=1e-3, atol=1e-6)
