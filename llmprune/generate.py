@@ -1,7 +1,8 @@
 """``python -m llmprune generate``: greedy decoding of a pruned checkpoint through the packed kernels, timed.
 
-The loop is the lean one a benchmark needs: one prefill call, then one forward per token over a static KV
-cache (no per-step cache growth, no ``generate`` bookkeeping), argmax on the last position only.
+One prefill call, then one step per token, argmax on the last position only. The step is
+:class:`llmprune.lean.LeanDecoder` (fused projections, preallocated cache, the C++ ops called directly) for
+the architectures it runs, else transformers' forward over a static KV cache (``--no-lean`` forces it).
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import LLMPruneError
+from .lean import ARCHS
+
+LM_HEADS = ("dense", "int8")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Generation:
     prompt_tokens: int
     prefill_s: float
     decode_s: float  # the steps after the first new token
+    loop: str  # "lean" (llmprune.lean) or "transformers"
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -34,30 +40,53 @@ class Generation:
         return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s else float("nan")
 
 
-@torch.inference_mode()
-def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
-    """Greedy continuation of ``input_ids`` ``[1, T]``: prefill once, then a forward per token."""
+def _transformers_step(model: nn.Module, max_len: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """transformers' own forward over a static cache: ``(ids [T], position) -> logits of the last``."""
     from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+
+    def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+        return model(ids[None], cache=cache, use_cache=True, cache_position=torch.arange(pos, pos + len(ids)),
+                     logits_to_keep=1).logits[0, -1]
+
+    return step
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, lean: bool = True,
+           lm_head: str = "dense", act_int8: bool = True) -> Generation:
+    """Greedy continuation of ``input_ids`` ``[1, T]``: prefill once, then a forward per token, through
+    :class:`~llmprune.lean.LeanDecoder` where it runs the architecture (and ``lean``), else transformers.
+    ``act_int8``: int4 / int8 weights multiply int8-rounded tokens (``kernels.cpu.linear``)."""
+    from .lean import lean_decoder
 
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise LLMPruneError("greedy decoding takes one non-empty prompt")
     if max_new_tokens < 1:
         raise LLMPruneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    prompt = input_ids.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
+    if lm_head not in LM_HEADS:
+        raise LLMPruneError(f"--lm-head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+    prompt, max_len = input_ids.shape[1], input_ids.shape[1] + max_new_tokens
+    for module in model.modules():
+        if hasattr(module, "act_int8"):
+            module.act_int8 = act_int8
+    decoder = lean_decoder(model, max_len, lm_head, act_int8) if lean else None
+    if decoder is not None:
+        step, loop = (lambda ids, pos: decoder.step(ids)), "lean"
+    elif lm_head != "dense":
+        raise LLMPruneError(f"--lm-head {lm_head} needs the lean loop (architectures: {', '.join(ARCHS)})")
+    else:
+        step, loop = _transformers_step(model, max_len), "transformers"
     start = time.perf_counter()
-    logits = model(input_ids, cache=cache, use_cache=True, cache_position=torch.arange(prompt),
-                   logits_to_keep=1).logits
-    token = logits[:, -1].argmax(-1, keepdim=True)
+    token = step(input_ids[0], 0).argmax()
     prefill = time.perf_counter() - start
     tokens = [int(token)]
     start = time.perf_counter()
-    for pos in range(prompt, prompt + max_new_tokens - 1):
-        logits = model(token, cache=cache, use_cache=True, cache_position=torch.tensor([pos]),
-                       logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+    for pos in range(prompt, max_len - 1):
+        token = step(token[None], pos).argmax()
         tokens.append(int(token))
-    return Generation(tokens, prompt, prefill, time.perf_counter() - start)
+    return Generation(tokens, prompt, prefill, time.perf_counter() - start, loop)
 
 
 def load_for_generation(source: str, kernels: bool, dtype: str = "auto") -> tuple[nn.Module, Any]:
@@ -89,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.add_argument("--no-kernels", action="store_true", help="decode pruned weights with pure torch instead")
+    p.add_argument("--lm-head", default="dense", choices=LM_HEADS, help="int8: the output head int8 per row "
+                   "(a quarter of fp32's bytes; the largest matrix of a small model)")
+    p.add_argument("--exact-act", action="store_true", help="int4 / int8 weights multiply fp32 tokens (slower) "
+                   "instead of tokens rounded to int8 per 32 values")
+    p.add_argument("--no-lean", action="store_true", help="step through transformers' forward instead of "
+                   "llmprune's lean decode loop (fused projections, preallocated cache)")
     return p
 
 
@@ -107,8 +142,9 @@ def main(argv: list[str]) -> int:
         raise LLMPruneError(f"model not found: {args.model}")
     model, tokenizer = load_for_generation(args.model, not args.no_kernels, args.dtype)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    out = greedy(model, ids, args.max_new_tokens)
+    out = greedy(model, ids, args.max_new_tokens, lean=not args.no_lean, lm_head=args.lm_head,
+                 act_int8=not args.exact_act)
     print(args.prompt + tokenizer.decode(out.tokens, skip_special_tokens=True), flush=True)
     print(f"prefill: {out.prompt_tokens} tokens, {out.prefill_tokens_per_s:.1f} tokens/s | decode: "
-          f"{len(out.tokens)} tokens, {out.decode_tokens_per_s:.1f} tokens/s | threads {torch.get_num_threads()}")
+          f"{len(out.tokens)} tokens, {out.decode_tokens_per_s:.1f} tokens/s | threads {torch.get_num_threads()} | {out.loop} loop")
     return 0

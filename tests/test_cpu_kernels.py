@@ -78,8 +78,32 @@ def test_int4_equals_dense_matmul_of_the_dequantized_weight(sparse: bool, group_
         torch.testing.assert_close(cpu.decode(w4), ref_w, rtol=0, atol=1e-6)
         for m in (1, 3, 17):
             x = torch.randn(m, k)
-            close(cpu.linear(x, w4), x @ ref_w.T, torch.float32)
+            close(cpu.linear(x, w4, act_int8=False), x @ ref_w.T, torch.float32)
         close(cpu.linear(x.bfloat16(), w4), x.bfloat16().float() @ ref_w.T, torch.bfloat16)
+
+
+Q8_CASES = [(kind, gs, sym) for kind in ("int4", "2:4+int4") for gs in (32, 64, 48, 128, -1) for sym in (False, True)]
+
+
+@pytest.mark.parametrize("kind, group_size, symmetric", Q8_CASES + [("int8", -1, True)])  # int8: per row, symmetric
+def test_int8_activations_equal_the_matmul_of_rounded_tokens(kind: str, group_size: int, symmetric: bool,
+                                                             threads: int) -> None:
+    """act_int8: integer kernels (or the float path on rounded tokens where none fits: 2:4 groups of 32 or 48)
+    = dequantized weight @ the tokens rounded per 32 columns (quantize_act), for 1..16 tokens; 17 tokens take
+    the fp32 BLAS path."""
+    from llmprune.kernels.int8 import quantize8
+
+    shapes = [(8, 576), (12, 100), (5, 96), (3, 256), (4, 36)] + ([(4, 33), (3, 7)] if kind != "2:4+int4" else [])
+    for n, k in shapes:  # 576, 256: whole 64-column steps; 96, 100, 36: a 32-column tail (2:4 falls back)
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k))
+        gs = k if group_size < 0 else group_size
+        wq = quantize8(w) if kind == "int8" else quantize(w, gs, kind == "2:4+int4", symmetric)
+        ref_w = wq.dequantize()
+        for m in (1, 2, 3, 5, 16, 17):
+            x = torch.randn(m, k) * torch.linspace(0.1, 30, k)  # blocks of very different ranges
+            xr = cpu.quantize_act(x) if m <= 16 else x
+            close(cpu.linear(x, wq), xr @ ref_w.T, torch.float32)
+            assert (xr - x).abs().max() <= x.abs().max() / 254 + 1e-6  # half a step of the coarsest block
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["int8", "2:4+int8"])
@@ -103,7 +127,7 @@ def test_int8_codes_equal_their_formula(sparse: bool, threads: int) -> None:
     torch.testing.assert_close(torch.ops.llmprune_cpu.decode(*args), ref_w)
     for m in (1, 5):
         x = torch.randn(m, k)
-        y = torch.ops.llmprune_cpu.linear(x, *args[:4], None, *args[4:], 16)
+        y = torch.ops.llmprune_cpu.linear(x, *args[:4], None, *args[4:], 16, False)
         close(y, x @ ref_w.T, torch.float32)
 
 
@@ -113,7 +137,7 @@ def test_bad_arguments_are_refused_by_the_op() -> None:
         cpu.linear(torch.randn(1, 31), packed)
     with pytest.raises(RuntimeError, match="meta must be"):
         torch.ops.llmprune_cpu.linear(torch.randn(1, 32), packed.values, packed.meta[:4], None, None, None,
-                                      0, 1, 4, 2, 8, 32, 0, 0, 16)
+                                      0, 1, 4, 2, 8, 32, 0, 0, 16, True)
 
 
 @pytest.mark.parametrize("spec", ["2:4", "4x4:8", "4:8"])
@@ -130,7 +154,11 @@ def test_int4_linear_runs_the_cpu_kernel() -> None:
     w4 = quantize(torch.randn(64, 128), 64, sparse=True)
     bias = torch.randn(64)
     x = torch.randn(3, 128)
-    close(Int4Linear(w4, bias)(x), F.linear(x, w4.dequantize(), bias), torch.float32)
+    mod = Int4Linear(w4, bias)
+    assert mod.act_int8  # the default: int8-rounded tokens
+    close(mod(x), F.linear(cpu.quantize_act(x), w4.dequantize(), bias), torch.float32)
+    mod.act_int8 = False
+    close(mod(x), F.linear(x, w4.dequantize(), bias), torch.float32)
 
 
 def test_load_with_kernels_on_the_cpu(tmp_path: Path) -> None:

@@ -142,6 +142,7 @@ class Int4Linear(torch.nn.Module):
         for name in ("codes", "scale", "zero", "meta"):
             self.register_buffer(name, getattr(weight, name))
         self.register_buffer("bias", bias)
+        self.act_int8 = True  # CPU, few tokens: multiply int8-rounded tokens (kernels.cpu.linear); False: fp32
 
     @property
     def weight4(self) -> Int4Weight:
@@ -153,7 +154,7 @@ class Int4Linear(torch.nn.Module):
         from . import cpu
 
         if flat.device.type == "cpu" and flat.shape[0] and cpu.available():
-            y = cpu.linear(flat, self.weight4, self.bias)
+            y = cpu.linear(flat, self.weight4, self.bias, act_int8=self.act_int8)
         elif flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) and flat.shape[0] <= 16:
             y = int4_mm(flat, self.weight4)
             y = y if self.bias is None else y + self.bias

@@ -10,6 +10,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -103,6 +105,27 @@ inline void decode_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld)
     case at::kHalf: return scatter_tile_row(w, tr, out, ld, [v](int64_t j, int64_t, int64_t) { return as_float<at::Half>(v, j); });
     default: return scatter_tile_row(w, tr, out, ld, [v](int64_t j, int64_t, int64_t) { return as_float<at::BFloat16>(v, j); });
   }
+}
+
+// Rounds tokens x [M, ld] (fp32, ld a multiple of 64) to int8 blocks of 32 columns, scale max|x| / 127 a block
+// (s [M, ld / 32]); pat: per token and 64-column chunk, the 2:4 int8 kernel's lane scales (A, A, B, B, B, B, A, A).
+inline void quantize_rows(const float* x, int64_t M, int64_t ld, int8_t* q, float* s, float* pat) {
+  const int64_t blocks = ld / 32;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * ld + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      for (int i = 0; i < 32; ++i) q[m * ld + b * 32 + i] = static_cast<int8_t>(std::nearbyint(xb[i] * id));
+      s[m * blocks + b] = d;
+    }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < ld / 64; ++c) {
+      const float a = s[m * blocks + 2 * c], b = s[m * blocks + 2 * c + 1];
+      const float lanes[8] = {a, a, b, b, b, b, a, a};
+      std::memcpy(pat + (m * (ld / 64) + c) * 8, lanes, sizeof lanes);
+    }
 }
 
 }  // namespace llmp

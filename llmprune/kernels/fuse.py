@@ -1,0 +1,58 @@
+"""One Linear for several that read the same input (q/k/v, gate/up): their weights stacked by rows.
+
+Every layout the kernels hold keeps each row (tile row) to itself, so stacking the packed tensors is the
+packed form of the stacked weight: one call, one pass over the input, one thread split instead of three.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .int4 import Int4Linear, Int4Weight
+from .linear import SparseLinear
+
+
+def _bias(mods: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias.detach().to(dtype) if m.bias is not None else torch.zeros(m.out_features, dtype=dtype)
+                      for m in mods])
+
+
+def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
+    """A module computing ``cat([m(x) for m in mods], -1)``, or None where their storage differs."""
+    first = mods[0]
+    if any(type(m) is not type(first) or m.in_features != first.in_features for m in mods):
+        return None
+    if type(first) is nn.Linear:
+        fused = nn.Linear(first.in_features, sum(m.out_features for m in mods), bias=first.bias is not None,
+                          device=first.weight.device, dtype=first.weight.dtype)
+        if any((m.bias is None) != (first.bias is None) for m in mods):
+            return None
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in mods]))
+            if first.bias is not None:
+                fused.bias.copy_(torch.cat([m.bias for m in mods]))
+        return fused
+    if type(first) is SparseLinear:
+        same = all(m.layout == first.layout and m.values.dtype == first.values.dtype
+                   and m.meta.shape[1] == first.meta.shape[1] and m.values.shape[1] == first.values.shape[1]
+                   for m in mods)
+        if not same:
+            return None
+        shape = (sum(m.out_features for m in mods), first.in_features)
+        return SparseLinear(first.layout, torch.cat([m.values for m in mods]), torch.cat([m.meta for m in mods]),
+                            shape, _bias(mods, first.values.dtype), first.table)
+    if type(first) is Int4Linear:
+        if any(m.group_size != first.group_size or (m.meta is None) != (first.meta is None) for m in mods):
+            return None
+        zeros = None
+        if any(m.zero is not None for m in mods):  # a symmetric grid's zero is 8
+            zeros = torch.cat([m.zero if m.zero is not None else torch.full_like(m.scale, 8, dtype=torch.uint8)
+                               for m in mods])
+        meta = None if first.meta is None else torch.cat([m.meta for m in mods])
+        w = Int4Weight(torch.cat([m.codes for m in mods]), torch.cat([m.scale for m in mods]), zeros, meta,
+                       (sum(m.out_features for m in mods), first.in_features), first.group_size)
+        return Int4Linear(w, _bias(mods, torch.float32))
+    return None
