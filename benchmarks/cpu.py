@@ -1,21 +1,31 @@
-"""CPU speed of the packed kernels against torch's dense and weight-only quantized Linears.
+"""CPU speed of the packed kernels against torch's dense and weight-only quantized Linears, and of whole-model
+greedy decoding against transformers and llama.cpp.
 
 ``--part linear``: one Linear at Llama-2-7B (MLP, attention) and SmolLM2 shapes, M tokens, 1 and 2 threads;
 dense fp32 / bf16 / fp16 (``F.linear``), torch's weight-only int8 (``_weight_int8pack_mm``) and int4 g128
 (``_weight_int4pack_mm_for_cpu``), and ours (``llmprune.kernels.cpu``) for 2:4 and 4x4:8 with bf16
-values, 2:4 + int4 g128 and int4 g128. Median of ``--reps`` calls after warm-up; every output is first
-checked against the dense matmul of the decompressed weight (``ok``). GB/s = weight bytes / time, beside
-the copy bandwidth of the same run.
+values, 2:4 + int4 g128 and int4 g128 (int8-rounded tokens by default, ``fp32 act`` without). Median of
+``--reps`` calls after warm-up; every output is first checked against the dense matmul of the decompressed
+weight (``ok``: within 2 % of the output's range). GB/s = weight bytes / time, beside the copy bandwidth.
 
 ``--part e2e``: greedy decode, batch 1, ``--new-tokens`` after a short prompt (``llmprune.generate.greedy``:
-static KV cache), for the bundled SmolLM2 and a Llama-3.2-1B-shaped model with random weights; every
-decoder Linear magnitude-pruned and packed in memory (speed only: the weights' quality is irrelevant).
+the lean loop, or ``--loop transformers``; ``--lm-head int8``), for the bundled SmolLM2 and a
+Llama-3.2-1B-shaped model with random weights, and ``smollm2-depth-tiny-width`` (SmolLM2's 30 layers at
+width 64: what a loop costs a token when the weights cost nothing); every decoder Linear magnitude-pruned
+and packed in memory (speed only: the weights' quality is irrelevant).
+
+``--part quality``: what int8-rounded tokens and an int8 head cost: teacher-forced perplexity of SmolLM2 with
+int4 g128 weights through the lean loop, token by token, on ``--windows`` WikiText-2 test windows.
+
+``--part llamacpp``: the bundled SmolLM2 Q4_1 GGUF through llama-cpp-python (optional; build it with the
+machine's compiler), same prompt, threads and token count.
 
     python benchmarks/cpu.py --part linear
-    python benchmarks/cpu.py --part e2e --models smollm2 --new-tokens 128
+    python benchmarks/cpu.py --part e2e --models smollm2 --new-tokens 128 [--lm-head int8]
+    python benchmarks/cpu.py --part llamacpp --threads 2
 
-Rows are kept per (part, shape/model, M, threads, kind, machine); timing on a shared machine is noisy:
-run nothing else meanwhile.
+Rows are kept per (part, shape/model, M, threads, kind, loop, head, machine); timing on a shared machine is
+noisy: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ from llmprune.report import environment, markdown_table, write_json_atomic  # no
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu.json"
 SHAPES = {"7b-mlp-up": (11008, 4096), "7b-mlp-down": (4096, 11008), "7b-attn": (4096, 4096),
           "smollm2-mlp-up": (1536, 576), "smollm2-mlp-down": (576, 1536)}
+PROMPT = "The capital of France is"
+# SmolLM2's depth and head count at a width where the weights cost nothing: the per-token overhead of a loop
+TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=256, head_dim=16)
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
 
@@ -107,7 +121,8 @@ def ours(w: torch.Tensor) -> dict:
         out[f"ours {spec} bf16"] = (lambda x, pw=pw: cpu.linear(x, pw), pw.nbytes, (w * keep).bfloat16().float())
     for name, sparse in (("ours 2:4+int4 g128", True), ("ours int4 g128", False)):
         q = quantize(w, 128, sparse=sparse)
-        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())
+        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())  # int8-rounded tokens (M <= 16)
+        out[name + " fp32 act"] = (lambda x, q=q: cpu.linear(x, q, act_int8=False), q.nbytes, q.dequantize())
     return out
 
 
@@ -172,10 +187,11 @@ def build_model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
         from llmprune.models import default_model, load_model
 
         model, tokenizer = load_model(default_model(), quiet=True)
-        return model, tokenizer("The capital of France is", return_tensors="pt").input_ids
+        return model, tokenizer(PROMPT, return_tensors="pt").input_ids
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_1B)).eval()
-    return model, torch.randint(0, 1000, (1, 6))
+    shape = {"llama-1b-shape": LLAMA_1B, "smollm2-depth-tiny-width": TINY_WIDTH}[name]
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape)).eval()
+    return model, torch.randint(0, min(1000, shape["vocab_size"]), (1, 6))
 
 
 def e2e_rows(args: argparse.Namespace, env: dict) -> list[dict]:
@@ -193,23 +209,88 @@ def e2e_rows(args: argparse.Namespace, env: dict) -> list[dict]:
                 model = model.bfloat16()
             if not kind.startswith("dense"):
                 swap(model, kind)
-            greedy(model, ids, 4)  # warm-up: first-use costs out of the timing
-            runs = [greedy(model, ids, args.new_tokens) for _ in range(args.e2e_reps)]
+            opts = dict(lean=args.loop == "lean", lm_head=args.lm_head)
+            greedy(model, ids, 4, **opts)  # warm-up: first-use costs out of the timing
+            runs = [greedy(model, ids, args.new_tokens, **opts) for _ in range(args.e2e_reps)]
             tps = statistics.median(r.decode_tokens_per_s for r in runs)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-            rows.append(dict(part="e2e", model=name, kind=kind, new_tokens=args.new_tokens,
+            rows.append(dict(part="e2e", model=name, kind=kind, loop=runs[0].loop, lm_head=args.lm_head,
+                             new_tokens=args.new_tokens,
                              threads=torch.get_num_threads(), decode_tokens_per_s=round(tps, 2),
                              prefill_tokens_per_s=round(statistics.median(r.prefill_tokens_per_s for r in runs), 1),
                              peak_rss_gb=round(rss, 2), **env))
-            print(f"{name} {kind}: {tps:.1f} tokens/s (peak RSS so far {rss:.1f} GB)", flush=True)
+            print(f"{name} {kind} ({runs[0].loop} loop, {args.lm_head} head): {tps:.1f} tokens/s "
+                  f"(peak RSS so far {rss:.1f} GB)", flush=True)
             del model
         del base
     return rows
 
 
+def quality_rows(args: argparse.Namespace, env: dict) -> list[dict]:
+    """What int8-rounded tokens and an int8 head cost in quality: teacher-forced perplexity of SmolLM2 with every
+    decoder Linear int4 g128 (round to nearest), one token a step through the lean loop, on WikiText-2 test."""
+    import math
+
+    from llmprune.lean import lean_decoder
+    from llmprune.models import default_model, load_model
+
+    model, tokenizer = load_model(default_model(), quiet=True)
+    swap(model, "dense+int4")
+    text = (Path(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw").read_text()[: 200 * args.window]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    rows = []
+    for act_int8 in (True, False):
+        for head in ("dense", "int8"):
+            nll, count = 0.0, 0
+            for w in range(args.windows):
+                seg = ids[w * args.window:(w + 1) * args.window]
+                dec = lean_decoder(model, args.window, head, act_int8)
+                for i in range(len(seg) - 1):
+                    logits = dec.step(seg[i:i + 1]).float()
+                    nll += float(torch.logsumexp(logits, -1) - logits[seg[i + 1]])
+                    count += 1
+            ppl = math.exp(nll / count)
+            rows.append(dict(part="quality", model="smollm2", kind="int4 g128 rtn", loop="lean", lm_head=head,
+                             act="int8 per 32" if act_int8 else "fp32", ppl=round(ppl, 4), tokens=count,
+                             window=args.window, **env))
+            print(f"act {'int8' if act_int8 else 'fp32'} head {head}: ppl {ppl:.3f} over {count} tokens", flush=True)
+    return rows
+
+
+def llamacpp_rows(args: argparse.Namespace, env: dict) -> list[dict]:
+    """The bundled SmolLM2 Q4_1 GGUF through llama.cpp (``pip install llama-cpp-python``): same prompt, threads
+    and token count as ``--part e2e``, greedy (argmax of the last logits), decode timed after the first token."""
+    import numpy as np
+    import llama_cpp
+
+    from llmprune.models import default_model
+
+    threads = int(args.threads.split(",")[-1])
+    llm = llama_cpp.Llama(model_path=default_model(), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                          verbose=False)
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+    rates = []
+    for _ in range(args.e2e_reps):
+        llm.reset()
+        llm.eval(prompt)
+        start = None
+        for i in range(args.new_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            if i == 1:
+                start = time.perf_counter()
+            llm.eval([int(np.argmax(logits))])
+        rates.append((args.new_tokens - 1) / (time.perf_counter() - start))
+    tps = statistics.median(rates)
+    print(f"smollm2 llama.cpp Q4_1: {tps:.1f} tokens/s", flush=True)
+    build = llama_cpp.llama_print_system_info().decode()
+    return [dict(part="e2e", model="smollm2", kind="llama.cpp Q4_1 gguf", loop="llama.cpp", lm_head="gguf",
+                 new_tokens=args.new_tokens, threads=threads, decode_tokens_per_s=round(tps, 2),
+                 llama_cpp=llama_cpp.__version__, llama_cpp_build=build.strip(), **env)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("linear", "e2e"), default="linear")
+    p.add_argument("--part", choices=("linear", "e2e", "llamacpp", "quality"), default="linear")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--m", default="1,4,16,256")
     p.add_argument("--threads", default="1,2", help="linear: each; e2e: the last")
@@ -218,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,2:4+int4,dense+int4")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--e2e-reps", type=int, default=3)
+    p.add_argument("--loop", choices=("lean", "transformers"), default="lean", help="e2e: llmprune's decode loop or "
+                   "transformers' forward")
+    p.add_argument("--lm-head", choices=("dense", "int8"), default="dense", help="e2e: the output head's storage")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                   help="quality: the folder holding wikitext-2-raw/")
+    p.add_argument("--windows", type=int, default=6, help="quality: windows of --window tokens")
+    p.add_argument("--window", type=int, default=128)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if not cpu.available():
@@ -231,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "linear":
         data["copy_gbps"] = {env["cpu"]: copy_gbps()}
         new = linear_rows(args, env)
-    else:
+    elif args.part == "e2e":
         new = e2e_rows(args, env)
-    key = ("part", "shape", "model", "m", "threads", "kind", "cpu")
+    elif args.part == "quality":
+        new = quality_rows(args, env)
+    else:
+        new = llamacpp_rows(args, env)
+    key = ("part", "shape", "model", "m", "threads", "kind", "loop", "lm_head", "act", "cpu")
     fresh = {tuple(r.get(c) for c in key) for r in new}
     data["rows"] = [r for r in data["rows"] if tuple(r.get(c) for c in key) not in fresh] + new
     for r in new:
@@ -243,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(["shape", "M", "threads", "kind", "ms", "GB/s", "× bf16", "ok"],
                              [[r["shape"], r["m"], r["threads"], r["kind"], r["ms"], r["gbps"], r["vs_bf16"], r["ok"]]
                               for r in new]))
+    elif args.part == "quality":
+        print(markdown_table(["model", "weights", "tokens", "head", "perplexity", "scored tokens"],
+                             [[r["model"], r["kind"], r["act"], r["lm_head"], r["ppl"], r["tokens"]] for r in new]))
     else:
-        print(markdown_table(["model", "kind", "decode tokens/s", "prefill tokens/s", "peak RSS GB"],
-                             [[r["model"], r["kind"], r["decode_tokens_per_s"], r["prefill_tokens_per_s"],
-                               r["peak_rss_gb"]] for r in new]))
+        print(markdown_table(["model", "kind", "loop", "head", "decode tokens/s", "prefill tokens/s", "peak RSS GB"],
+                             [[r["model"], r["kind"], r["loop"], r["lm_head"], r["decode_tokens_per_s"],
+                               r.get("prefill_tokens_per_s", ""), r.get("peak_rss_gb", "")] for r in new]))
     print(json.dumps({"written": str(out)}))
     return 0
 

@@ -230,16 +230,18 @@ def cpu_linear() -> str:
 
 
 def cpu_e2e() -> str:
-    """benchmarks/results/cpu.json: greedy decode tokens/s, batch 1."""
+    """benchmarks/results/cpu.json: greedy decode tokens/s, batch 1, per model, storage, loop and head."""
     path = RESULTS / "cpu.json"
     rows = [r for r in _load("cpu.json")["rows"] if r["part"] == "e2e"] if path.is_file() else []
     if not rows:
         return "_Not measured yet (`python benchmarks/cpu.py --part e2e`)._"
-    return _table(["model", "Linears", "decode tokens/s", "prefill tokens/s", "new tokens", "threads", "peak RSS",
-                   "cpu", "commit"],
-                  [[r["model"], r["kind"], f"{r['decode_tokens_per_s']:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
-                    str(r["new_tokens"]), str(r["threads"]), f"{r['peak_rss_gb']:.1f} GB", r["cpu"], r["commit"]]
-                   for r in rows])
+    rows.sort(key=lambda r: (r["model"], r["loop"] != "llama.cpp", r["loop"], r["lm_head"]))
+    fmt = lambda r, k, f: format(r[k], f) if k in r else "–"  # noqa: E731 (llama.cpp rows time decode only)
+    return _table(["model", "Linears", "loop", "lm_head", "decode tokens/s", "prefill tokens/s", "new tokens",
+                   "threads", "peak RSS GB", "cpu", "commit"],
+                  [[r["model"], r["kind"], r["loop"], r["lm_head"], f"{r['decode_tokens_per_s']:.1f}",
+                    fmt(r, "prefill_tokens_per_s", ".0f"), str(r["new_tokens"]), str(r["threads"]),
+                    fmt(r, "peak_rss_gb", ".1f"), r["cpu"], r["commit"]] for r in rows])
 
 
 def coverage() -> str:

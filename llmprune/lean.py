@@ -38,6 +38,8 @@ _WEIGHT = {SparseLinear: "packed", Int4Linear: "weight4", Int8Linear: "weight8"}
 
 def _native(module: nn.Module) -> tuple[list, list[int]] | None:
     """``module`` as ``layer_step`` takes a projection: (values, meta, scale, zero, fp32 bias) and its geometry."""
+    if type(module) not in (*_WEIGHT, nn.Linear):
+        return None
     bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if type(module) in _WEIGHT:
         args = cpu.weight_args(getattr(module, _WEIGHT[type(module)]))

@@ -220,6 +220,9 @@ def test_generate_cli_and_its_bad_input(tmp_path: Path) -> None:
                                                                        f"{tmp_path / 'nope'}"]
     empty = subprocess.run([*run, "--model", str(out), "--prompt", " "], capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.strip() == "llmprune: error: --prompt is empty"
+    head = subprocess.run([*run, "--model", str(out), "--prompt", "hi", "--lm-head", "int2"], capture_output=True,
+                          text=True)
+    assert head.returncode == 2 and len(head.stderr.strip().splitlines()) == 1 and "--lm-head" in head.stderr
 
 
 @pytest.mark.slow

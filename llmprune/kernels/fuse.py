@@ -23,7 +23,8 @@ def _bias(mods: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
 def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
     """A module computing ``cat([m(x) for m in mods], -1)``, or None where their storage differs."""
     first = mods[0]
-    if any(type(m) is not type(first) or m.in_features != first.in_features for m in mods):
+    if type(first) not in (nn.Linear, SparseLinear, Int4Linear) or any(type(m) is not type(first) for m in mods) \
+            or any(m.in_features != first.in_features for m in mods):
         return None
     if type(first) is nn.Linear:
         fused = nn.Linear(first.in_features, sum(m.out_features for m in mods), bias=first.bias is not None,
@@ -55,4 +56,3 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
         w = Int4Weight(torch.cat([m.codes for m in mods]), torch.cat([m.scale for m in mods]), zeros, meta,
                        (sum(m.out_features for m in mods), first.in_features), first.group_size)
         return Int4Linear(w, _bias(mods, torch.float32))
-    return None

@@ -6,6 +6,7 @@
 // The arithmetic is transformers' (fp32 throughout); llmprune/lean.py is the same step in torch ops.
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "linear.h"
@@ -79,6 +80,17 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
+// q . k for one cached position: the vector dot product for an fp32 cache (d a multiple of 8).
+template <class T>
+inline float score(const float* q, const T* k, int64_t d) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (d % 8 == 0) return dot(q, k, d);
+  }
+  float s = 0.f;
+  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
 // Softmax attention of nq query heads over positions 0..pos of the cache [nkv, L, d] (grouped heads).
 template <class T>
 void attend(const float* q, T* kc, T* vc, const float* k, const float* v, int64_t pos, int64_t len, int64_t nq,
@@ -93,10 +105,7 @@ void attend(const float* q, T* kc, T* vc, const float* k, const float* v, int64_
       const float* qh = q + h * d;
       float top = -INFINITY, sum = 0.f;
       for (int64_t t = 0; t <= pos; ++t) {
-        const T* kr = kc + (g * len + t) * d;
-        float s = 0.f;
-        for (int64_t i = 0; i < d; ++i) s += qh[i] * static_cast<float>(kr[i]);
-        p[t] = s * scale, top = std::max(top, p[t]);
+        p[t] = score(qh, kc + (g * len + t) * d, d) * scale, top = std::max(top, p[t]);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t <= pos; ++t) {

@@ -136,6 +136,10 @@ inline void small_q8(const Packed& w, const float* x, int64_t M, int64_t ld, flo
 #ifdef LLMP_AVX2
   const Q8Fn f4 = pick_q8<4>(w), f2 = pick_q8<2>(w), f1 = pick_q8<1>(w);
   if (f1) {
+    if (w.kind == NM24) {  // the 2:4 kernel reads the tokens in its lane order
+      std::vector<int8_t> natural(q);
+      lane_order(natural.data(), M, ld, q.data());
+    }
     const int64_t N = w.n, grain = std::max<int64_t>(1, 16384 / ld);
     auto tok = [&](int64_t m) { return XQ{q.data() + m * ld, s.data() + m * ld / 32, pat.data() + m * ld / 64 * 8, ld}; };
     at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {

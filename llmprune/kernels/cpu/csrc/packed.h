@@ -108,7 +108,7 @@ inline void decode_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld)
 }
 
 // Rounds tokens x [M, ld] (fp32, ld a multiple of 64) to int8 blocks of 32 columns, scale max|x| / 127 a block
-// (s [M, ld / 32]); pat: per token and 64-column chunk, the 2:4 int8 kernel's lane scales (A, A, B, B, B, B, A, A).
+// (s [M, ld / 32]); pat: per token and 64-column chunk, the 2:4 int8 kernel's lane scales (A x 4, B x 4).
 inline void quantize_rows(const float* x, int64_t M, int64_t ld, int8_t* q, float* s, float* pat) {
   const int64_t blocks = ld / 32;
   for (int64_t m = 0; m < M; ++m)
@@ -123,7 +123,7 @@ inline void quantize_rows(const float* x, int64_t M, int64_t ld, int8_t* q, floa
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < ld / 64; ++c) {
       const float a = s[m * blocks + 2 * c], b = s[m * blocks + 2 * c + 1];
-      const float lanes[8] = {a, a, b, b, b, b, a, a};
+      const float lanes[8] = {a, a, a, a, b, b, b, b};
       std::memcpy(pat + (m * (ld / 64) + c) * 8, lanes, sizeof lanes);
     }
 }

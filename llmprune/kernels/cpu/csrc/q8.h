@@ -15,7 +15,7 @@
 namespace llmp {
 
 // Tokens as int8 blocks: row m holds q[m * ld ...] and scales s[m * ld / 32 ...]; `pat` holds, per token and
-// 64-column chunk, the 8 lane scales of the 2:4 kernel's lane order (block A, A, B, B, B, B, A, A).
+// 64-column chunk, the scales of the 2:4 kernel's 8 sums (block A four times, then block B).
 struct XQ {
   const int8_t* q;
   const float* s;
@@ -68,35 +68,31 @@ void dense_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys)
   }
 }
 
-// 2:4 codes of 64 columns (16 groups) in the gather's lane order: groups 0-3, 8-11 | 12-15, 4-7.
+// 2:4 codes of 64 columns (16 groups) minus zero, in column order: groups 0-7 | groups 8-15.
 template <int BITS>
 inline __m256i nm24_codes(const uint8_t* v, int64_t chunk, __m256i zero) {
-  __m128i u0, u1;  // groups 0-7 and 8-15, two codes each in column order
-  if (BITS == 4) {
-    const __m128i m4 = _mm_set1_epi8(15), b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * chunk));
-    const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-    u0 = _mm_unpacklo_epi8(lo, hi), u1 = _mm_unpackhi_epi8(lo, hi);
-  } else {
-    u0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * chunk));
-    u1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * chunk + 16));
-  }
-  return _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi64(u1, u0), _mm_unpacklo_epi64(u0, u1)), zero);
+  if (BITS == 8) return _mm256_sub_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * chunk)), zero);
+  const __m128i m4 = _mm_set1_epi8(15), b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * chunk));
+  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+  return _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), zero);
 }
 
-// Shuffle bytes of 64 columns from two meta words: for groups 0-7 (lanes: cols 0-15 | 16-31) and, halves
-// swapped, for groups 8-15, so the two gathers land in complementary 8-byte halves.
-inline void nm24_ctrl(const int32_t* meta, __m256i& a, __m256i& b) {
+// Shuffle bytes of 64 columns from two meta words, one control for both gathers: lane 0 holds groups 0-3 in
+// bytes 0-7 and groups 4-7 in bytes 8-15, lane 1 groups 8-11 and 12-15 (each index within its 16 columns).
+inline __m256i nm24_ctrl(const int32_t* meta) {
   const __m128i m4 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
-  const __m128i off = _mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
   const __m128i mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta));
   const __m128i g = _mm_unpacklo_epi8(_mm_and_si128(mb, m4), _mm_and_si128(_mm_srli_epi16(mb, 4), m4));
   const __m128i i0 = _mm_and_si128(g, m3), i1 = _mm_and_si128(_mm_srli_epi16(g, 2), m3);
-  a = _mm256_broadcastsi128_si256(_mm_add_epi8(_mm_unpacklo_epi8(i0, i1), off));
-  b = _mm256_broadcastsi128_si256(_mm_shuffle_epi32(_mm_add_epi8(_mm_unpackhi_epi8(i0, i1), off), 0x4E));
+  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(i0, i1), _mm_unpacklo_epi8(i0, i1));
+  return _mm256_add_epi8(c, _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                             0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12));
 }
 
 // 2:4 + int4 / int8 codes against int8 tokens, 64 columns a step (w.kp a multiple of 64; groups of a
-// multiple of 64 columns, or one group).
+// multiple of 64 columns, or one group). The tokens come in lane order (lane_order below): per 64 columns,
+// columns 0-15, 32-47 | 16-31, 48-63, so one pshufb gathers the kept tokens of groups 0-3 and 8-11, the
+// other those of groups 4-7 and 12-15, and a blend lines them up with the codes' column order.
 template <int BITS, int MB>
 void nm24_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys) {
   const int32_t* meta = w.mrow(n);
@@ -110,20 +106,26 @@ void nm24_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys) 
     __m256 part[MB];
     for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
     for (int64_t c = c0, c1 = std::min(chunks, c0 + cpg); c < c1; ++c) {
-      __m256i ca, cb;
-      nm24_ctrl(meta + 2 * c, ca, cb);
-      const __m256i wq = nm24_codes<BITS>(v, c, z);
+      const __m256i ctrl = nm24_ctrl(meta + 2 * c), wq = nm24_codes<BITS>(v, c, z);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xp = x.q + m * x.ld + 64 * c;
-        const __m256i ga = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)), ca);
-        const __m256i gb = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32)), cb);
+        const __m256i ga = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)), ctrl);
+        const __m256i gb = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32)), ctrl);
         const __m256 s = _mm256_loadu_ps(x.pat + (m * (x.ld / 64) + c) * 8);
-        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(wq, _mm256_blend_epi32(ga, gb, 0x3C))), s, part[m]);
+        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(wq, _mm256_blend_epi32(ga, gb, 0xCC))), s, part[m]);
       }
     }
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), part[m], acc[m]);
   }
   for (int m = 0; m < MB; ++m) y[m * ys] = hsum(acc[m]);
+}
+
+// Tokens [M, ld] in the 2:4 kernel's lane order: per 64 columns, 0-15, 32-47, 16-31, 48-63.
+inline void lane_order(const int8_t* q, int64_t M, int64_t ld, int8_t* out) {
+  for (int64_t i = 0; i < M * ld; i += 64) {
+    std::memcpy(out + i, q + i, 16), std::memcpy(out + i + 16, q + i + 32, 16);
+    std::memcpy(out + i + 32, q + i + 16, 16), std::memcpy(out + i + 48, q + i + 48, 16);
+  }
 }
 
 }  // namespace llmp
