@@ -7,8 +7,8 @@ runs the same arithmetic on the model's own weights:
 - q/k/v and gate/up stacked into one Linear each (:func:`kernels.fuse.fuse_rows`);
 - a preallocated KV cache and the rotary rows of every position, computed once by the model's own rotary
   module (so llama3 / linear / dynamic scaling come for free);
-- one token: one C++ op a layer (``llmprune_cpu::layer_step``, ``kernels/cpu/csrc/layer.h``) where the
-  kernels are built; prompts, and machines without them, go through the same step in ~15 torch ops a layer;
+- one token: one C++ call for every layer (``torch.classes.llmprune_cpu.Decoder``, ``kernels/cpu/csrc/layer.h``)
+  where the kernels are built; prompts, and machines without them, run the same step in ~15 torch ops a layer;
 - optionally an int8 ``lm_head`` (:class:`kernels.int8.Int8Linear`): the head is never pruned and is the
   largest matrix of a small model.
 
@@ -81,11 +81,11 @@ class _Layer:
         self.qkv, self.o, self.gate_up, self.down = (_bind(m, act_int8) if m is not None else _concat(one, act_int8)
                                                      for m, one in zip(mods, singles))
         parts = [_native(m) if m is not None else None for m in mods]
-        self.native = None
+        self.native = None  # (4 norms, 20 tensors, 32 numbers) as the C++ Decoder takes a layer
         if cpu.available() and all(p is not None for p in parts):
             f32 = lambda t: None if t is None else t.weight.detach().float().contiguous()  # noqa: E731
-            self.native = (f32(layer.input_layernorm), f32(layer.post_attention_layernorm), f32(self.q_norm),
-                           f32(self.k_norm), [t for p in parts for t in p[0]], [g for p in parts for g in p[1]])
+            self.native = ([f32(layer.input_layernorm), f32(layer.post_attention_layernorm), f32(self.q_norm),
+                            f32(self.k_norm)], [t for p in parts for t in p[0]], [g for p in parts for g in p[1]])
 
 
 class LeanDecoder:
@@ -110,6 +110,12 @@ class LeanDecoder:
         self.cos32, self.sin32 = cos[0].contiguous(), sin[0].contiguous()
         self.cos = self.cos32.to(dtype)
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1).to(dtype)  # rotate_half as a roll
+        self.cpp = None
+        if self.native:  # the C++ decoder shares the caches and holds the weights' views
+            lists = [[x for layer in self.layers for x in layer.native[i]] for i in range(3)]
+            self.cpp = torch.classes.llmprune_cpu.Decoder(*lists, self.k[:, 0], self.v[:, 0], self.cos32, self.sin32,
+                                                          cfg.hidden_size, self.heads, self.kv_heads,
+                                                          self.layers[0].eps, act_int8)
 
     def _attention(self, i: int, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t, d, nq, nkv = x.shape[0], self.head_dim, self.heads, self.kv_heads
@@ -136,10 +142,8 @@ class LeanDecoder:
         return h
 
     def _layers_native(self, h: torch.Tensor) -> torch.Tensor:
-        x, op, pos = h[0].float().contiguous(), torch.ops.llmprune_cpu.layer_step, self.pos
-        for i, layer in enumerate(self.layers):
-            op(x, *layer.native[:4], *layer.native[4:], self.k[i, 0], self.v[i, 0], self.cos32[pos], self.sin32[pos],
-               pos, self.heads, self.kv_heads, layer.eps, self.act_int8)
+        x = h[0].float().contiguous()
+        self.cpp.step(x, self.pos)
         return x.to(self.dtype)[None]
 
     @torch.inference_mode()

@@ -1,5 +1,5 @@
 """The lean decode loop (llmprune/lean.py, kernels/cpu/csrc/layer.h): the same logits as transformers for every
-architecture it claims and every weight storage, through the one-op-a-layer C++ step and through its torch form;
+architecture it claims and every weight storage, through the C++ decoder (one call a token) and its torch form;
 stacked projections; the int8 head; refusals."""
 
 from __future__ import annotations
@@ -134,14 +134,13 @@ def test_other_architectures_and_short_windows_use_transformers() -> None:
     assert lean_decoder(mistral, 16) is None
 
 
-def test_layer_step_refuses_shapes_that_do_not_chain() -> None:
-    model = tiny("llama")
-    dec = lean_decoder(copy.deepcopy(model), 8)
-    ln1, ln2, qn, kn, weights, geometry = dec.layers[0].native
-    h = torch.randn(64)
-    with pytest.raises(RuntimeError, match="do not chain"):
-        torch.ops.llmprune_cpu.layer_step(h, ln1, ln2, qn, kn, weights, geometry, dec.k[0, 0], dec.v[0, 0],
-                                          dec.cos32[0], dec.sin32[0], 0, 6, 2, 1e-6, True)  # 6 heads, not 4
-    with pytest.raises(RuntimeError, match="pos inside"):
-        torch.ops.llmprune_cpu.layer_step(h, ln1, ln2, qn, kn, weights, geometry, dec.k[0, 0], dec.v[0, 0],
-                                          dec.cos32[0], dec.sin32[0], 8, 4, 2, 1e-6, True)
+def test_cpp_decoder_refuses_shapes_that_do_not_chain() -> None:
+    dec = lean_decoder(tiny("llama"), 8)
+    lists = [[x for layer in dec.layers for x in layer.native[i]] for i in range(3)]
+    make = torch.classes.llmprune_cpu.Decoder
+    with pytest.raises(RuntimeError, match="do not chain"):  # 6 heads, not 4
+        make(*lists, dec.k[:, 0], dec.v[:, 0], dec.cos32, dec.sin32, 64, 6, 2, 1e-6, True)
+    with pytest.raises(RuntimeError, match="per layer"):
+        make(lists[0], lists[1][:-1], lists[2], dec.k[:, 0], dec.v[:, 0], dec.cos32, dec.sin32, 64, 4, 2, 1e-6, True)
+    with pytest.raises(RuntimeError, match="pos inside the cache"):
+        dec.cpp.step(torch.randn(64), 8)

@@ -1,13 +1,16 @@
-// One decoder layer of a Llama-family model for one token, in one op call: RMSNorm, the fused q/k/v
+// The decoder layers of a Llama-family model for one token, in one call (torch.classes.llmprune_cpu.Decoder): RMSNorm, the fused q/k/v
 // projection, q/k norms (qwen3), rotary embedding, the KV-cache write, attention over the cache, o_proj,
 // RMSNorm, the fused gate/up projection, SiLU-and-multiply, down_proj, both residual adds. A small
 // model's decode step is ~50 torch ops a layer, each costing microseconds of dispatch next to
-// microseconds of work; here the only thread fan-outs are the four matrix products and the attention heads.
+// microseconds of work; here one call a token, and the only thread fan-outs are the four matrix products
+// and the attention heads of each layer.
 // The arithmetic is transformers' (fp32 throughout); llmprune/lean.py is the same step in torch ops.
 #pragma once
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#include <torch/custom_class.h>
 
 #include "linear.h"
 
@@ -119,48 +122,94 @@ void attend(const float* q, T* kc, T* vc, const float* k, const float* v, int64_
   });
 }
 
-// The layer, in place on h [hidden] (fp32). Projections: qkv, o, gate_up, down.
-inline void layer_step(at::Tensor& h, const at::Tensor& ln1, const at::Tensor& ln2, const Opt& q_norm,
-                       const Opt& k_norm, const c10::List<std::optional<at::Tensor>>& weights, at::IntArrayRef geometry,
-                       at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
-                       int64_t nq, int64_t nkv, double eps, bool act_int8) {
-  const int64_t H = h.numel(), d = cos.numel(), len = k_cache.size(1);
-  TORCH_CHECK(weights.size() == 20 && geometry.size() == 32, "llmprune_cpu: four projections expected");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&h, &ln1, &ln2, &cos, &sin})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "llmprune_cpu: norms, rotary rows and h are float32");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.is_contiguous() && k_cache.size(0) == nkv && k_cache.size(2) == d && pos >= 0 && pos < len &&
-                  nq % nkv == 0 && sin.numel() == d,
-              "llmprune_cpu: cache must be [kv_heads, length, head_dim] with pos inside it");
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "llmprune_cpu: q and k norms come together");
-  for (const Opt* t : {&q_norm, &k_norm})
-    TORCH_CHECK(!*t || ((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->numel() == d),
-                "llmprune_cpu: q/k norms are float32 [head_dim]");
-  const Proj qkv = proj_at(weights, geometry, 0), o = proj_at(weights, geometry, 1);
-  const Proj gu = proj_at(weights, geometry, 2), down = proj_at(weights, geometry, 3);
-  TORCH_CHECK(qkv.k == H && qkv.n == (nq + 2 * nkv) * d && o.k == nq * d && o.n == H && gu.k == H && gu.n % 2 == 0 &&
-                  down.k == gu.n / 2 && down.n == H, "llmprune_cpu: projection shapes do not chain");
-  float* x = h.data_ptr<float>();
-  std::vector<float> a(H), y(qkv.n), att(nq * d), r(std::max(H, gu.n));
-  rms_norm(x, ln1.data_ptr<float>(), H, eps, a.data());
-  project(qkv, a.data(), y.data(), act_int8);
+// A layer's weights as the step reads them: norms (fp32) and its four projections, checked once.
+struct Layer {
+  const float *ln1, *ln2, *q_norm, *k_norm;  // q/k norms: null outside qwen3
+  Proj qkv, o, gu, down;
+};
+
+// Layer l of the flat lists: norms[4l .. 4l+3] = ln1, ln2, q_norm, k_norm; projections 4l .. 4l+3 (proj_at).
+inline Layer layer_at(const c10::List<std::optional<at::Tensor>>& norms, const c10::List<std::optional<at::Tensor>>& weights,
+                      at::IntArrayRef geometry, int64_t l, int64_t H, int64_t nq, int64_t nkv, int64_t d) {
+  auto norm = [&](int64_t j, int64_t size, bool need) -> const float* {
+    const Opt t = norms.get(4 * l + j);
+    TORCH_CHECK(t || !need, "llmprune_cpu: layer ", l, " lacks a norm");
+    TORCH_CHECK(!t || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == size),
+                "llmprune_cpu: norms are contiguous float32 of the hidden size (q/k norms: head_dim)");
+    return t ? t->data_ptr<float>() : nullptr;
+  };
+  Layer L{norm(0, H, true), norm(1, H, true), norm(2, d, false), norm(3, d, false),
+          proj_at(weights, geometry, 4 * l), proj_at(weights, geometry, 4 * l + 1),
+          proj_at(weights, geometry, 4 * l + 2), proj_at(weights, geometry, 4 * l + 3)};
+  TORCH_CHECK(!L.q_norm == !L.k_norm, "llmprune_cpu: q and k norms come together");
+  TORCH_CHECK(L.qkv.k == H && L.qkv.n == (nq + 2 * nkv) * d && L.o.k == nq * d && L.o.n == H && L.gu.k == H &&
+                  L.gu.n % 2 == 0 && L.down.k == L.gu.n / 2 && L.down.n == H,
+              "llmprune_cpu: projection shapes do not chain");
+  return L;
+}
+
+// One layer for one token, in place on x [H] (fp32); the cache of this layer is [nkv, len, d].
+template <class T>
+void run_layer(const Layer& L, float* x, int64_t H, T* kc, T* vc, int64_t len, const float* cos, const float* sin,
+               int64_t pos, int64_t nq, int64_t nkv, int64_t d, float eps, bool act_int8) {
+  std::vector<float> a(H), y(L.qkv.n), att(nq * d), r(std::max(H, L.gu.n)), out(H);
+  rms_norm(x, L.ln1, H, eps, a.data());
+  project(L.qkv, a.data(), y.data(), act_int8);
   float *q = y.data(), *k = q + nq * d, *v = k + nkv * d;
   for (int64_t i = 0; i < nq + nkv; ++i) {
-    if (q_norm) rms_norm(q + i * d, (i < nq ? *q_norm : *k_norm).data_ptr<float>(), d, eps, q + i * d);
-    rope(q + i * d, cos.data_ptr<float>(), sin.data_ptr<float>(), d);
+    if (L.q_norm) rms_norm(q + i * d, i < nq ? L.q_norm : L.k_norm, d, eps, q + i * d);
+    rope(q + i * d, cos, sin, d);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "llmprune_cpu_attend", [&] {
-    attend<scalar_t>(q, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), k, v, pos, len, nq, nkv, d, att.data());
-  });
-  project(o, att.data(), r.data(), act_int8);
+  attend<T>(q, kc, vc, k, v, pos, len, nq, nkv, d, att.data());
+  project(L.o, att.data(), r.data(), act_int8);
   for (int64_t i = 0; i < H; ++i) x[i] += r[i];
-  rms_norm(x, ln2.data_ptr<float>(), H, eps, a.data());
-  project(gu, a.data(), r.data(), act_int8);
-  const int64_t I = gu.n / 2;
+  rms_norm(x, L.ln2, H, eps, a.data());
+  project(L.gu, a.data(), r.data(), act_int8);
+  const int64_t I = L.gu.n / 2;
   for (int64_t i = 0; i < I; ++i) r[i] = r[i] / (1.f + std::exp(-r[i])) * r[I + i];
-  std::vector<float> out(H);
-  project(down, r.data(), out.data(), act_int8);
+  project(L.down, r.data(), out.data(), act_int8);
   for (int64_t i = 0; i < H; ++i) x[i] += out[i];
 }
+
+// Every layer of a model, held once (weights, KV caches [layers, nkv, len, d], rotary tables [len, d]) and run
+// for one token a call: torch.classes.llmprune_cpu.Decoder, the step of llmprune/lean.py.
+struct Decoder : torch::CustomClassHolder {
+  c10::List<std::optional<at::Tensor>> norms, weights;  // kept alive: the layers point into them
+  at::Tensor k, v, cos, sin;
+  std::vector<Layer> layers;
+  int64_t hidden, nq, nkv, d;
+  double eps;
+  bool act_int8;
+
+  Decoder(c10::List<std::optional<at::Tensor>> norms_, c10::List<std::optional<at::Tensor>> weights_,
+          std::vector<int64_t> geometry, at::Tensor k_, at::Tensor v_, at::Tensor cos_, at::Tensor sin_,
+          int64_t hidden_, int64_t nq_, int64_t nkv_, double eps_, bool act_int8_)
+      : norms(std::move(norms_)), weights(std::move(weights_)), k(k_), v(v_), cos(cos_), sin(sin_), hidden(hidden_),
+        nq(nq_), nkv(nkv_), d(cos_.size(-1)), eps(eps_), act_int8(act_int8_) {
+    const int64_t n = k.dim() == 4 ? k.size(0) : -1;
+    TORCH_CHECK(n > 0 && norms.size() == 4 * n && weights.size() == 20 * n && geometry.size() == 32 * n,
+                "llmprune_cpu: per layer, 4 norms, 4 projections (5 tensors, 8 numbers each) and a cache");
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && v.sizes() == k.sizes() && k.size(1) == nkv && k.size(3) == d &&
+                    nq % nkv == 0, "llmprune_cpu: caches must be contiguous [layers, kv_heads, length, head_dim]");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) >= k.size(2),
+                "llmprune_cpu: rotary tables must be float32 [length, head_dim]");
+    for (int64_t l = 0; l < n; ++l) layers.push_back(layer_at(norms, weights, geometry, l, hidden, nq, nkv, d));
+  }
+
+  // Every layer for the token h [hidden] (fp32, in place) at position pos.
+  void step(at::Tensor h, int64_t pos) {
+    const int64_t len = k.size(2);
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == hidden && pos >= 0 && pos < len,
+                "llmprune_cpu: h must be float32 [hidden] and pos inside the cache");
+    const int64_t per = nkv * len * d;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "llmprune_cpu_step", [&] {
+      for (size_t l = 0; l < layers.size(); ++l)
+        run_layer<scalar_t>(layers[l], h.data_ptr<float>(), hidden, k.data_ptr<scalar_t>() + l * per,
+                            v.data_ptr<scalar_t>() + l * per, len, cos.data_ptr<float>() + pos * d,
+                            sin.data_ptr<float>() + pos * d, pos, nq, nkv, d, static_cast<float>(eps), act_int8);
+    });
+  }
+};
 
 }  // namespace llmp

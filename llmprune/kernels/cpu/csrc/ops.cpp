@@ -4,7 +4,8 @@
 //     few MB of rows at a time into the BLAS;
 //   decode(packed weight...) -> W (fp32), the scalar reference; isa() -> "avx2" | "scalar";
 //   threads_used(n) -> how many of torch's intra-op threads a parallel_for of n items ran on;
-//   layer_step(h, ...) -> one decoder layer for one token, in place (layer.h).
+//   class Decoder(norms, weights, geometry, caches, rotary tables, ...).step(h, pos): every decoder layer for
+//     one token, in place (layer.h).
 #include <torch/library.h>
 
 #include <atomic>
@@ -69,9 +70,10 @@ TORCH_LIBRARY(llmprune_cpu, m) {
         "int c, int kv, int n, int k, int bits, int group_size, int small_m, bool act_int8) -> Tensor");
   m.def("decode(Tensor values, Tensor? meta, Tensor? scale, Tensor? zero, int kind, int r, int c, int kv, int n, "
         "int k, int bits, int group_size) -> Tensor");
-  m.def("layer_step(Tensor(a!) h, Tensor ln1, Tensor ln2, Tensor? q_norm, Tensor? k_norm, Tensor?[] weights, "
-        "int[] geometry, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor cos, Tensor sin, int pos, int heads, "
-        "int kv_heads, float eps, bool act_int8) -> ()");
+  m.class_<llmp::Decoder>("Decoder")
+      .def(torch::init<c10::List<std::optional<at::Tensor>>, c10::List<std::optional<at::Tensor>>, std::vector<int64_t>,
+                       at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, bool>())
+      .def("step", &llmp::Decoder::step);
   m.def("isa() -> str", &llmp::isa);
   m.def("threads_used(int n) -> int", &llmp::threads_used);
 }
@@ -79,5 +81,4 @@ TORCH_LIBRARY(llmprune_cpu, m) {
 TORCH_LIBRARY_IMPL(llmprune_cpu, CPU, m) {
   m.impl("linear", &llmp::linear);
   m.impl("decode", &llmp::decode);
-  m.impl("layer_step", &llmp::layer_step);
 }
