@@ -29,13 +29,19 @@ inline __m256i dot_i8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
+// Two codes a byte (low nibble first) widened to 16 bits with the high nibble moved up a byte: 32 codes in
+// column order for one shuffle-port instruction.
+inline __m256i split_nibbles(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi16(0x000F)),
+                         _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x00F0)), 4));
+}
+
 // 32 codes of a dense row from column col, in column order, minus zero (BITS 4: two a byte, low nibble first).
 template <int BITS>
 inline __m256i dense_codes(const uint8_t* v, int64_t col, __m256i zero) {
   if (BITS == 8) return _mm256_sub_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + col)), zero);
-  const __m128i m4 = _mm_set1_epi8(15), b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + col / 2));
-  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-  return _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), zero);
+  return _mm256_sub_epi8(split_nibbles(v + col / 2), zero);
 }
 
 // Dense int4 / int8 codes, 32 columns a step; the columns past the last whole step in scalar code.
@@ -72,21 +78,20 @@ void dense_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys)
 template <int BITS>
 inline __m256i nm24_codes(const uint8_t* v, int64_t chunk, __m256i zero) {
   if (BITS == 8) return _mm256_sub_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * chunk)), zero);
-  const __m128i m4 = _mm_set1_epi8(15), b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * chunk));
-  const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-  return _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), zero);
+  return _mm256_sub_epi8(split_nibbles(v + 16 * chunk), zero);
 }
 
 // Shuffle bytes of 64 columns from two meta words, one control for both gathers: lane 0 holds groups 0-3 in
 // bytes 0-7 and groups 4-7 in bytes 8-15, lane 1 groups 8-11 and 12-15 (each index within its 16 columns).
+// A meta byte holds four 2-bit indices (two groups); widened to 32 bits, shifts by 0, 6, 12 and 18 put index
+// j at bits 8j, 8j + 1.
 inline __m256i nm24_ctrl(const int32_t* meta) {
-  const __m128i m4 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
-  const __m128i mb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta));
-  const __m128i g = _mm_unpacklo_epi8(_mm_and_si128(mb, m4), _mm_and_si128(_mm_srli_epi16(mb, 4), m4));
-  const __m128i i0 = _mm_and_si128(g, m3), i1 = _mm_and_si128(_mm_srli_epi16(g, 2), m3);
-  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(i0, i1), _mm_unpacklo_epi8(i0, i1));
-  return _mm256_add_epi8(c, _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
-                                             0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12));
+  const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(meta)));
+  const __m256i spread = _mm256_or_si256(_mm256_or_si256(m, _mm256_slli_epi32(m, 6)),
+                                         _mm256_or_si256(_mm256_slli_epi32(m, 12), _mm256_slli_epi32(m, 18)));
+  return _mm256_add_epi8(_mm256_and_si256(spread, _mm256_set1_epi8(3)),
+                         _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                          0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12));
 }
 
 // 2:4 + int4 / int8 codes against int8 tokens, 64 columns a step (w.kp a multiple of 64; groups of a
