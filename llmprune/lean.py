@@ -32,7 +32,6 @@ from .kernels.int8 import Int8Linear
 from .kernels.linear import SparseLinear
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-DENSE_FLOAT = 3  # layer.h: an nn.Linear's float weight
 _WEIGHT = {SparseLinear: "packed", Int4Linear: "weight4", Int8Linear: "weight8"}
 
 
@@ -45,7 +44,7 @@ def _native(module: nn.Module) -> tuple[list, list[int]] | None:
         args = cpu.weight_args(getattr(module, _WEIGHT[type(module)]))
         return [*args[:4], bias], list(args[4:])
     if type(module) is nn.Linear and module.weight.dtype.is_floating_point:
-        return [module.weight.detach(), None, None, None, bias], [DENSE_FLOAT, 1, 1, 1, *module.weight.shape, 0, 0]
+        return [module.weight.detach(), None, None, None, bias], [cpu.DENSE_FLOAT, 1, 1, 1, *module.weight.shape, 0, 0]
     return None
 
 

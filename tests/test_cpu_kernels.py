@@ -21,7 +21,7 @@ from llmprune.patterns import parse_pattern
 from .test_export import TOKENS, tiny_llama
 from .test_kernels import pruned
 
-SPECS = ["2:4", "4x4:8", "4:8", "1:4", "2x2:2", "8x4:16", "1x8:4"]
+SPECS = ["2:4", "4x4:8", "4:8", "1:4", "2x2:2", "8x4:16", "1x8:4", "unstructured"]
 SHAPES = [(8, 36), (16, 100), (40, 232), (24, 256), (8, 4)]  # K off the vector width, padded words, N = r
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -53,7 +53,7 @@ def test_threads_follow_torch(threads: int) -> None:
 def test_float_layouts_equal_dense_matmul(spec: str, dtype: torch.dtype, threads: int) -> None:
     lay = layout_for(spec)
     for n, k in SHAPES:
-        if n % lay.r or k % lay.c:
+        if n % lay.r or lay.fmt != "bitmask" and k % lay.c:
             continue
         w = pruned(n, k, spec, dtype, seed=n + k)
         packed = pack(w, lay, w != 0)
@@ -64,6 +64,36 @@ def test_float_layouts_equal_dense_matmul(spec: str, dtype: torch.dtype, threads
             ref = F.linear(x.float(), w.float(), bias.float())
             close(cpu.linear(x, packed, bias), ref, dtype)
         close(cpu.linear(x, packed, bias, small_m=0), ref, dtype)  # prefill path on every shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bitmask_rows_of_any_count(dtype: torch.dtype, threads: int) -> None:
+    """Unstructured weights whose rows keep different counts (layer granularity, 30-90 %), an empty row and a
+    full one: the kernels find each row's values behind its bits, on tails of 1-31 columns."""
+    for n, k, sparsity in [(40, 232, 0.5), (24, 256, 0.3), (7, 33, 0.9), (5, 5, 0.6)]:
+        g = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=g)
+        keep = parse_pattern("unstructured", sparsity, granularity="layer").project(w.abs())
+        keep[0], keep[-1] = False, True
+        w = (w * keep).to(dtype)
+        packed = pack(w, layout_for("unstructured"), keep)
+        assert torch.equal(cpu.decode(packed), unpack(packed).float())
+        for m in (1, 3, 17):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            close(cpu.linear(x, packed), F.linear(x.float(), w.float()), dtype)
+
+
+def test_a_corrupt_bitmask_reads_nothing_past_its_row() -> None:
+    """Bits for more values than a row holds (all set): every path stops at the row's last value, as the
+    scalar decoder does, instead of reading the next row or past the buffer."""
+    w = torch.randn(16, 96)
+    keep = parse_pattern("unstructured", 0.75).project(w.abs())
+    packed = pack(w * keep, layout_for("unstructured"), keep)
+    packed.meta.fill_(-1)
+    dense = cpu.decode(packed)
+    assert torch.equal(dense[:, :24] != 0, (packed.values[:, :24] != 0)) and not dense[:, 24:].any()
+    x = torch.randn(3, 96)
+    close(cpu.linear(x, packed), x @ dense.T, torch.float32)
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["int4", "2:4+int4"])
@@ -140,7 +170,7 @@ def test_bad_arguments_are_refused_by_the_op() -> None:
                                       0, 1, 4, 2, 8, 32, 0, 0, 16, True)
 
 
-@pytest.mark.parametrize("spec", ["2:4", "4x4:8", "4:8"])
+@pytest.mark.parametrize("spec", ["2:4", "4x4:8", "4:8", "unstructured"])
 def test_sparse_linear_runs_the_cpu_kernel(spec: str) -> None:
     w = pruned(32, 96, spec)
     mod = SparseLinear.from_weight(w.bfloat16(), spec, torch.randn(32).bfloat16())
@@ -161,13 +191,14 @@ def test_int4_linear_runs_the_cpu_kernel() -> None:
     close(mod(x), F.linear(x, w4.dequantize(), bias), torch.float32)
 
 
-def test_load_with_kernels_on_the_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixed", [False, True], ids=["2:4", "mixed"])  # mixed: 2:4, 4x4:8, 4:8, unstructured 70 %
+def test_load_with_kernels_on_the_cpu(mixed: bool, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from llmprune.export import load, save_pruned
     from llmprune.export.hf import LLMPruneQuantizationConfig
 
-    model, patterns = tiny_llama(tied=False, mixed=False)
+    model, patterns = tiny_llama(tied=False, mixed=mixed)
     out = save_pruned(model, None, tmp_path / "ckpt", "compressed", patterns)
     want = load(out)(TOKENS).logits
     fast = load(out, kernels=True)
@@ -184,14 +215,21 @@ def test_kernels_refuse_unsupported_and_dense_checkpoints_in_one_line(tmp_path: 
     from llmprune.export import load, save_pruned
     from llmprune.export.hf import LLMPruneQuantizationConfig
 
-    model, patterns = tiny_llama(tied=False, mixed=True)  # down_proj is unstructured 70 %
-    out = save_pruned(model, None, tmp_path / "mixed", "compressed", patterns)
-    with pytest.raises(LLMPruneError, match=r"down_proj.weight: the kernels run N:M and RxC:K .*not unstructured"):
+    import llmprune
+    from llmprune import PruneConfig
+
+    from .test_quant import CALIB, tiny_model
+
+    result = llmprune.prune(tiny_model(), None, PruneConfig(pattern="unstructured", sparsity=0.5, quant="int4",
+                                                            group_size=32, batch_size=4), calib=CALIB, quiet=True)
+    out = result.save(tmp_path / "u4")
+    with pytest.raises(LLMPruneError, match=r"q_proj.weight: the kernels run unstructured, N:M .*not unstructured.*\+int4"):
         load(out, kernels=True)
-    with pytest.raises(LLMPruneError, match="down_proj.weight: the kernels run"):
+    with pytest.raises(LLMPruneError, match="q_proj.weight: the kernels run"):
         AutoModelForCausalLM.from_pretrained(out, quantization_config=LLMPruneQuantizationConfig(kernels=True))
+    model, patterns = tiny_llama(tied=False, mixed=False)
     dense = {name: parse_pattern("unstructured", 0.0) for name in patterns}
-    out = save_pruned(tiny_llama(tied=False, mixed=False)[0], None, tmp_path / "dense", "compressed", dense)
+    out = save_pruned(model, None, tmp_path / "dense", "compressed", dense)
     with pytest.raises(LLMPruneError, match="needs a pruned or quantized checkpoint"):
         load(out, kernels=True)
 

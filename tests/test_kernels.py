@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmprune.kernels import DispatchTable, Layout, SparseLinear, layout_for, pack, unpack
+from llmprune.kernels.formats import BITMASK, SLACK
 from llmprune.kernels.dispatch import layout_key, shape_class
 from llmprune.patterns import parse_pattern
 
@@ -66,7 +67,8 @@ def test_layout_for_patterns() -> None:
     assert layout_for(parse_pattern("4x4:8")) == Layout("tile", 4, 4, 8)
     assert layout_for("4:8") == Layout("tile", 1, 8, 4)
     assert layout_for("4x4:8").cols_per_word == 8 and layout_for("2:4").cols_per_word == 32
-    for bad in ("unstructured", "8x8:32", "3x3:4"):
+    assert layout_for("unstructured") == layout_for(parse_pattern("unstructured", 0.8)) == BITMASK
+    for bad in ("8x8:32", "3x3:4", parse_pattern("unstructured", 0.0)):
         with pytest.raises(ValueError):
             layout_for(bad)
 
@@ -96,6 +98,30 @@ def test_24_bit_layout() -> None:
     assert packed.values[0, :4].tolist() == [1.0, 2.0, 3.0, 0.0]
     assert packed.meta.shape == (1, 1)
     assert int(packed.meta[0, 0]) & 0xFF == (1 | 3 << 2) | (0 | 1 << 2) << 4
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])  # layer: rows keep different counts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_layout(granularity: str, dtype: torch.dtype) -> None:
+    """Bit c % 32 of word c // 32 keeps column c; a row's kept values in column order, zeros to one stride:
+    the widest row + SLACK. Every position of the mask is kept, zero-valued ones too."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 70, generator=g)
+    keep = parse_pattern("unstructured", 0.6, granularity=granularity).project(w.abs())
+    keep[0], keep[1] = False, True  # an empty row and a full one
+    w = (w * keep).to(dtype)
+    w[2, keep[2].nonzero()[0]] = 0  # a kept zero
+    packed = pack(w, BITMASK, keep)
+    counts = keep.sum(1)
+    assert packed.values.shape == (9, 70 + SLACK) and packed.meta.shape == (9, 3)
+    for r in range(9):
+        word_bits = [(int(packed.meta[r, c // 32]) >> (c % 32)) & 1 for c in range(70)]
+        assert word_bits == keep[r].int().tolist()
+        assert torch.equal(packed.values[r, : counts[r]], w[r, keep[r]])
+        assert not packed.values[r, counts[r]:].any()
+    assert torch.equal(unpack(packed), w)
+    with pytest.raises(ValueError, match="non-zero outside"):
+        pack(w, BITMASK, keep & (torch.arange(70) > 3))
 
 
 def test_tile_bit_layout() -> None:
@@ -151,7 +177,7 @@ def test_sparse_linear_rejects() -> None:
     with pytest.raises(ValueError):
         SparseLinear.from_weight(torch.randn(8, 8), "2:4")
     with pytest.raises(ValueError):
-        SparseLinear.from_weight(torch.randn(8, 8), "unstructured")
+        SparseLinear.from_weight(torch.randn(8, 8), "8x8:32")
 
 
 # --- dispatch ----------------------------------------------------------------------------------

@@ -54,8 +54,8 @@ def run(model: torch.nn.Module, prompt: torch.Tensor, more: list[int], native: b
     return torch.stack([dec.step(prompt)] + [dec.step(torch.tensor([t])) for t in more]).float()
 
 
-CASES = [(kind, torch.float32) for kind in ("dense", "2:4", "4x4:8", "2:4+int4", "int4")] + \
-        [(kind, torch.bfloat16) for kind in ("dense", "2:4")]
+CASES = [(kind, torch.float32) for kind in ("dense", "2:4", "4x4:8", "unstructured", "2:4+int4", "int4")] + \
+        [(kind, torch.bfloat16) for kind in ("dense", "2:4", "unstructured")]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
@@ -78,7 +78,7 @@ def test_lean_logits_equal_transformers(arch: str, kind: str, dtype: torch.dtype
 def test_fuse_rows_equals_the_separate_projections() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 64, generator=g)
-    for kind in ("dense", "2:4", "4x4:8", "int4", "2:4+int4"):
+    for kind in ("dense", "2:4", "4x4:8", "unstructured", "int4", "2:4+int4"):
         mods = []
         for n, sym in ((32, False), (16, True), (16, False)):  # mixed symmetric / asymmetric int4 grids
             w = torch.randn(n, 64, generator=g)
@@ -86,8 +86,8 @@ def test_fuse_rows_equals_the_separate_projections() -> None:
                 mods.append(torch.nn.Linear(64, n))
             elif "int4" in kind:
                 mods.append(Int4Linear(quantize(w, 32, kind.startswith("2:4"), sym), torch.randn(n) if n == 32 else None))
-            else:
-                keep = parse_pattern(kind).project(w.abs())
+            else:  # unstructured: rows keep 50 % or 75 %, strides differ
+                keep = parse_pattern(kind, 0.5 if sym else 0.25 if kind == "unstructured" else None).project(w.abs())
                 mods.append(SparseLinear.from_weight(w * keep, kind, mask=keep, bias=torch.randn(n, generator=g)))
         fused = fuse_rows(mods)
         assert type(fused) is type(mods[0]), kind

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Rules] = {
 
 
 def layout_key(lay: Layout) -> str:
+    if lay.fmt == "bitmask":
+        return "unstructured"
     return "2:4" if lay.fmt == "2:4" else f"{lay.r}x{lay.c}:{lay.kv}"
 
 

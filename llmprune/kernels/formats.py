@@ -15,8 +15,13 @@ occupancy mask, bit ``b = row*c + col``; values are in ascending bit order. The 
 exactly ``kv`` bits (padding with zero-valued positions), so the value of bit ``b`` of tile ``t`` sits
 at ``word_index * values_per_word + popcount(word & ((1 << (t*r*c + b)) - 1))``: one AND + POPC.
 
+``"bitmask"`` (unstructured; r=1, c=32, kv=0): the code of 32 columns is their keep bits (one word); a row's
+kept values in column order, then zeros up to ``values.shape[1]`` = the most any row keeps + ``SLACK`` (rows
+padded to one stride so every row starts at a fixed place; the kernels load ``SLACK`` values at a time). The
+checkpoint's ``sparse-bitmask`` is the same bits and values, its rows padded to bytes and packed end to end.
+
 Bytes per weight with 16-bit values: ``(2*kv + r*c/8) / (r*c)``; 2:4 and 4x4:8 both read
-``1 + 0.125 = 1.125`` bytes per weight, 0.5625x of dense fp16.
+``1 + 0.125 = 1.125`` bytes per weight, 0.5625x of dense fp16; a 50 % bitmask the same when rows keep alike.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from dataclasses import dataclass
 import torch
 
 WORD_BITS = 32
+SLACK = 32  # zero values past a bitmask row's widest: a word's last 8-value load (from up to 24 past its start) stays inside
 
 
 @dataclass(frozen=True)
 class Layout:
     """Geometry of a packed format; see the module docstring."""
 
-    fmt: str  # "2:4" | "tile"
+    fmt: str  # "2:4" | "tile" | "bitmask"
     r: int
     c: int
     kv: int
@@ -57,8 +63,14 @@ class Layout:
     def padded_k(self, k: int) -> int:
         return -(-k // self.cols_per_word) * self.cols_per_word
 
-    def bytes_per_weight(self, value_bytes: int = 2) -> float:
-        return (self.kv * value_bytes + self.bits / 8) / self.bits
+    def bytes_per_weight(self, value_bytes: int = 2, density: float = 0.5) -> float:
+        """Bytes a weight reads (``density``: the kept fraction, for the bitmask's variable count)."""
+        kept = density * self.bits if self.fmt == "bitmask" else self.kv
+        return (kept * value_bytes + self.bits / 8) / self.bits
+
+
+BITMASK = Layout("bitmask", 1, WORD_BITS, 0)
+_BITS = Layout("tile", 1, 1, 1)  # one bit a column: the bitmask's words through the tile word packer
 
 
 def layout_for(pattern: object) -> Layout:
@@ -68,6 +80,8 @@ def layout_for(pattern: object) -> Layout:
 
         pattern = parse_pattern(pattern)
     kind = getattr(pattern, "kind", None)
+    if kind == "unstructured" and pattern.sparsity > 0:
+        return BITMASK
     if kind == "nm" and (pattern.n, pattern.m) == (2, 4):
         return Layout("2:4", 1, 4, 2)
     if kind == "nm":
@@ -75,7 +89,7 @@ def layout_for(pattern: object) -> Layout:
     elif kind == "tile":
         r, c, kv = pattern.r, pattern.c, pattern.k
     else:
-        raise ValueError(f"no packed layout for pattern {pattern}: only N:M and RxC:K patterns can be packed")
+        raise ValueError(f"no packed layout for pattern {pattern}: only pruned patterns can be packed")
     if WORD_BITS % (r * c):
         raise ValueError(f"pattern {pattern}: tiles of {r * c} weights must divide {WORD_BITS} bits to be packed")
     return Layout("tile", r, c, kv)
@@ -133,7 +147,7 @@ def pack(weight: torch.Tensor, lay: Layout, mask: torch.Tensor | None = None) ->
     are read off the non-zeros.
     """
     n, k = weight.shape
-    if n % lay.r or k % lay.c:
+    if lay.fmt != "bitmask" and (n % lay.r or k % lay.c):
         raise ValueError(f"weight {n}x{k} is not divisible into {lay.r}x{lay.c} tiles")
     kp = lay.padded_k(k)
     tiles = _tiles(torch.nn.functional.pad(weight, (0, kp - k)), lay)
@@ -142,6 +156,8 @@ def pack(weight: torch.Tensor, lay: Layout, mask: torch.Tensor | None = None) ->
         if mask.shape != weight.shape or bool((weight != 0)[~mask].any()):
             raise ValueError("mask does not fit the weight or leaves a non-zero outside it")
         nz = _tiles(torch.nn.functional.pad(mask, (0, kp - k)), lay)
+    if lay.fmt == "bitmask":
+        return _pack_bitmask(torch.nn.functional.pad(weight, (0, kp - k)), nz.flatten(1), (n, k))
     if bool((nz.sum(-1) > lay.kv).any()):
         raise ValueError(f"weight has {lay.r}x{lay.c} tiles with more than {lay.kv} non-zeros: not pruned to the pattern")
     # Kept positions: the kept (non-zero) ones, then the lowest other positions up to kv; ascending, so
@@ -158,6 +174,12 @@ def pack(weight: torch.Tensor, lay: Layout, mask: torch.Tensor | None = None) ->
 def unpack(packed: PackedWeight) -> torch.Tensor:
     """Dense ``[N, K]`` weight from its packed form (vectorised; the reference for the kernels)."""
     lay, n, k = packed.layout, *packed.shape
+    if lay.fmt == "bitmask":
+        keep = _from_words(packed.meta, _BITS).bool()
+        dense = torch.zeros(keep.shape, dtype=packed.values.dtype, device=keep.device)
+        counts = keep.sum(1, keepdim=True)
+        dense[keep] = packed.values[torch.arange(packed.values.shape[1], device=keep.device) < counts]
+        return dense[:n, :k]
     codes = _from_words(packed.meta, lay)  # [N/r, Kp/c]
     if lay.fmt == "2:4":
         pos = torch.stack([codes & 3, codes >> 2], -1)
@@ -168,3 +190,14 @@ def unpack(packed: PackedWeight) -> torch.Tensor:
     values = packed.values.reshape(*codes.shape, lay.kv)
     tiles = torch.zeros(*codes.shape, lay.bits, dtype=values.dtype, device=values.device)
     return _untile(tiles.scatter_(-1, pos, values), lay)[:n, :k]
+
+
+def _pack_bitmask(weight: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int]) -> PackedWeight:
+    """Bitmask layout of a padded ``[N, Kp]`` weight keeping ``keep`` (bool, same shape)."""
+    counts = keep.sum(1, keepdim=True)
+    widest = int(counts.max()) if keep.numel() else 0
+    cols = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :widest]  # kept columns, ascending
+    taken = torch.arange(widest, device=keep.device) < counts
+    values = torch.where(taken, weight.gather(1, cols), 0)
+    values = torch.nn.functional.pad(values, (0, SLACK)).contiguous()
+    return PackedWeight(BITMASK, values, _to_words(keep.long(), _BITS), shape)

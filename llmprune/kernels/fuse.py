@@ -7,6 +7,7 @@ packed form of the stacked weight: one call, one pass over the input, one thread
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .int4 import Int4Linear, Int4Weight
@@ -38,13 +39,15 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
         return fused
     if type(first) is SparseLinear:
         same = all(m.layout == first.layout and m.values.dtype == first.values.dtype
-                   and m.meta.shape[1] == first.meta.shape[1] and m.values.shape[1] == first.values.shape[1]
-                   for m in mods)
-        if not same:
+                   and m.meta.shape[1] == first.meta.shape[1] for m in mods)
+        # a bitmask's stride is its widest row + slack: zero-padded to the widest of all
+        width = max(m.values.shape[1] for m in mods)
+        if not same or first.layout.fmt != "bitmask" and any(m.values.shape[1] != width for m in mods):
             return None
+        values = torch.cat([F.pad(m.values, (0, width - m.values.shape[1])) for m in mods])
         shape = (sum(m.out_features for m in mods), first.in_features)
-        return SparseLinear(first.layout, torch.cat([m.values for m in mods]), torch.cat([m.meta for m in mods]),
-                            shape, _bias(mods, first.values.dtype), first.table)
+        return SparseLinear(first.layout, values, torch.cat([m.meta for m in mods]), shape,
+                            _bias(mods, first.values.dtype), first.table)
     if type(first) is Int4Linear:
         if any(m.group_size != first.group_size or (m.meta is None) != (first.meta is None) for m in mods):
             return None

@@ -14,7 +14,7 @@ from .formats import Layout, PackedWeight, layout_for, pack, unpack
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HALF = (torch.float16, torch.bfloat16)
-SUPPORTED = ("N:M and RxC:K patterns (tiles of at most 32 weights) with float values, 2:4 + int4, "
+SUPPORTED = ("unstructured, N:M and RxC:K patterns (tiles of at most 32 weights) with float values, 2:4 + int4, "
              "and int4 without sparsity")
 
 
@@ -26,7 +26,7 @@ def unsupported(pattern: object) -> str | None:
         is_24 = kind == "nm" and (pattern.n, pattern.m) == (2, 4)
         if quant.bits == 4 and (is_24 or not pattern.structured and pattern.sparsity == 0):
             return None
-    elif kind in ("nm", "tile"):
+    elif kind in ("nm", "tile") or kind == "unstructured" and pattern.sparsity > 0:
         try:
             layout_for(pattern)
             return None
@@ -46,8 +46,8 @@ class SparseLinear(nn.Module):
 
     On CUDA with fp16/bf16 inputs the :class:`~kernels.dispatch.DispatchTable` picks the Triton kernel,
     cuSPARSELt (2:4) or decompress-then-cuBLAS for ``M = x.numel() // in_features``; on the CPU the C++
-    kernels (:mod:`kernels.cpu`) run it; anywhere else (CUDA fp32, no C++ build) the weight is decompressed
-    with pure torch for the call.
+    kernels (:mod:`kernels.cpu`) run it; anywhere else (CUDA fp32, no C++ build, the unstructured bitmask on
+    CUDA, which has no Triton kernel) the weight is decompressed with pure torch for the call.
     """
 
     def __init__(
@@ -119,7 +119,8 @@ class SparseLinear(nn.Module):
         m = x.numel() // self.in_features
         if x.device.type == "cpu":
             return "cpu" if m and cpu.available() else "torch"
-        if not x.is_cuda or x.dtype != self.values.dtype or x.dtype not in _HALF or m == 0:
+        if not x.is_cuda or x.dtype != self.values.dtype or x.dtype not in _HALF or m == 0 \
+                or self.layout.fmt == "bitmask":
             return "torch"
         kernel = self.table.choose(self.layout, self.out_features, self.in_features, m)
         if kernel == "cusparselt" and not self._wants_cusparselt(x.dtype):

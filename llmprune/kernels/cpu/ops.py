@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import PackedWeight
+from ..formats import SLACK, PackedWeight
 from ..int4 import Int4Weight
 from ..int8 import Int8Weight
 from .build import available
 
 SMALL_M = 16  # up to this many tokens the row kernels run; above, decoded rows go through the BLAS
-NM24, TILE, DENSE = 0, 1, 2
+NM24, TILE, DENSE, BITMASK = 0, 1, 2, 3  # packed.h's layout kinds
+DENSE_FLOAT = 4  # layer.h: an nn.Linear's float weight
 
 
 Weight = PackedWeight | Int4Weight | Int8Weight
@@ -25,6 +26,8 @@ def weight_args(w: Weight) -> tuple:
         kind, geometry = (NM24, (1, 4, 2)) if w.sparse else (DENSE, (1, 1, 1))
         return (w.codes, w.meta, w.scale, w.zero, kind, *geometry, n, k, 4, w.group_size)
     lay = w.layout
+    if lay.fmt == "bitmask":  # kv: the most a row keeps, the stride less the slack
+        return (w.values, w.meta, None, None, BITMASK, 1, 32, w.values.shape[1] - SLACK, n, k, 0, 0)
     kind = NM24 if lay.fmt == "2:4" else TILE
     return (w.values, w.meta, None, None, kind, lay.r, lay.c, lay.kv, n, k, 0, 0)
 

@@ -16,7 +16,7 @@
 
 namespace llmp {
 
-constexpr int64_t DENSE_FLOAT = 3;  // a float weight [n, k] the kernels do not hold (an nn.Linear)
+constexpr int64_t DENSE_FLOAT = 4;  // a float weight [n, k] the kernels do not hold (an nn.Linear)
 
 // A projection as the step sees it: a packed view or a dense float weight, and an fp32 bias.
 struct Proj {

@@ -31,7 +31,7 @@ inline float dot(const float* a, const float* b, int64_t k) {
 
 inline Packed view(const at::Tensor& values, const Opt& meta, const Opt& scale, const Opt& zero, int64_t kind, int64_t r,
                    int64_t c, int64_t kv, int64_t n, int64_t k, int64_t bits, int64_t gs) {
-  TORCH_CHECK(kind >= NM24 && kind <= DENSE, "llmprune_cpu: unknown layout kind ", kind);
+  TORCH_CHECK(kind >= NM24 && kind <= BITMASK, "llmprune_cpu: unknown layout kind ", kind);
   TORCH_CHECK(r > 0 && c > 0 && 32 % (r * c) == 0 && n % r == 0 && k > 0, "llmprune_cpu: bad tile geometry");
   TORCH_CHECK(bits == 0 || bits == 4 || bits == 8, "llmprune_cpu: bits must be 0, 4 or 8");
   TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() && values.dim() == 2 && values.size(0) == n / r,
@@ -51,10 +51,12 @@ inline Packed view(const at::Tensor& values, const Opt& meta, const Opt& scale, 
     TORCH_CHECK(meta && meta->scalar_type() == at::kInt && meta->is_contiguous() && meta->dim() == 2 &&
                     meta->size(0) == n / r, "llmprune_cpu: meta must be contiguous int32 words, a row per tile row");
     TORCH_CHECK(kind != NM24 || (r == 1 && c == 4 && kv == 2), "llmprune_cpu: 2:4 is 1x4 keeping 2");
+    TORCH_CHECK(kind != BITMASK || (r == 1 && c == 32 && bits == 0 && kv >= 0),
+                "llmprune_cpu: the bitmask is 1x32 words of float values");
     w.meta = meta->data_ptr<int32_t>(), w.mstride = meta->size(1);
     w.kp = w.mstride * w.tiles_per_word() * c;
     TORCH_CHECK(w.kp >= k, "llmprune_cpu: meta covers fewer columns than k");
-    count = w.kp / c * kv;
+    count = kind == BITMASK ? kv + 32 : w.kp / c * kv;
   }
   const int64_t need = bits == 0 ? count * values.element_size() : bits == 8 ? count : (count + 1) / 2;
   TORCH_CHECK(w.vstride >= need, "llmprune_cpu: values hold ", w.vstride, " bytes a tile row, need ", need);
@@ -84,6 +86,8 @@ RowFn pick(const Packed& w) {
   if (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8 && w.bits == 0)
     return f32 ? tile44_row<F32, MB> : f16 ? tile44_row<F16, MB> : tile44_row<BF16, MB>;
   if (w.kind == DENSE && whole_groups) return w.bits == 4 ? dense_q_row<4, MB> : dense_q_row<8, MB>;
+  if (w.kind == BITMASK)
+    return f32 ? bitmask_row<SpreadF32, MB> : f16 ? bitmask_row<SpreadF16, MB> : bitmask_row<SpreadBF16, MB>;
 #endif
   return nullptr;
 }

@@ -5,6 +5,8 @@
 //   NM24  (r=1, c=4, kv=2): code = i0 | i1 << 2, values in column order.
 //   TILE  (any r x c dividing 32 bits): code = occupancy bits (row*c + col), values in bit order.
 //   DENSE (r=1, no meta): every column stored (int4 / int8 codes of an unpruned weight).
+//   BITMASK (r=1, c=32, unstructured): one keep bit a column, 32 a word; a row's kept values in column order
+//     from the row's start, kv = the most any row keeps (the row stride holds 32 more: vector loads' slack).
 // Quantized values (bits 4 or 8) are unsigned codes u, decoded as (u - zero) * scale per row and group of
 // gs input columns; int4 puts two codes a byte, the first in the low nibble.
 #pragma once
@@ -17,7 +19,7 @@
 
 namespace llmp {
 
-enum Kind : int64_t { NM24 = 0, TILE = 1, DENSE = 2 };
+enum Kind : int64_t { NM24 = 0, TILE = 1, DENSE = 2, BITMASK = 3 };
 
 struct Packed {
   int64_t kind, r, c, kv, n, k, kp;  // kp: K padded to whole meta words (DENSE: to 32 columns)
@@ -70,6 +72,16 @@ inline void scatter_tile_row(const Packed& w, int64_t tr, float* out, int64_t ld
   std::memset(out, 0, sizeof(float) * w.r * ld);
   if (w.kind == DENSE) {
     for (int64_t col = 0; col < w.k; ++col) out[col] = val(col, tr, col);
+    return;
+  }
+  if (w.kind == BITMASK) {  // a corrupt mask keeping more than kv stops at kv: never a read past the row
+    const int32_t* meta = w.mrow(tr);
+    int64_t j = 0;
+    for (int64_t wi = 0; wi < w.kp / 32; ++wi)
+      for (uint32_t rest = static_cast<uint32_t>(meta[wi]); rest && j < w.kv; rest &= rest - 1) {
+        const int64_t col = wi * 32 + __builtin_ctz(rest);
+        out[col] = val(j++, tr, col);
+      }
     return;
   }
   const int64_t rc = w.r * w.c, tpw = w.tiles_per_word(), words = w.kp / (w.c * tpw);
