@@ -3,8 +3,8 @@ greedy decoding against transformers and llama.cpp.
 
 ``--part linear``: one Linear at Llama-2-7B (MLP, attention) and SmolLM2 shapes, M tokens, 1 and 2 threads;
 dense fp32 / bf16 / fp16 (``F.linear``), torch's weight-only int8 (``_weight_int8pack_mm``) and int4 g128
-(``_weight_int4pack_mm_for_cpu``), and ours (``llmprune.kernels.cpu``) for 2:4 and 4x4:8 with bf16
-values, 2:4 + int4 g128 and int4 g128 (int8-rounded tokens by default, ``fp32 act`` without). Median of
+(``_weight_int4pack_mm_for_cpu``), and ours (``llmprune.kernels.cpu``) for 2:4, 4x4:8 and 50 % / 70 %
+unstructured (bitmask) with bf16 values, 2:4 + int4 g128 and int4 g128 (int8-rounded tokens by default, ``fp32 act`` without). Median of
 ``--reps`` calls after warm-up; every output is first checked against the dense matmul of the decompressed
 weight (``ok``: within 2 % of the output's range). GB/s = weight bytes / time, beside the copy bandwidth.
 
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmprune.kernels import SparseLinear, cpu, layout_for, pack  # noqa: E402
 from llmprune.kernels.int4 import Int4Linear, quantize  # noqa: E402
-from llmprune.patterns import parse_pattern  # noqa: E402
+from llmprune.patterns import Pattern, parse_pattern  # noqa: E402
 from llmprune.report import environment, markdown_table, write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu.json"
@@ -113,11 +113,17 @@ def candidates(w: torch.Tensor) -> dict:
     return out | ours(w)
 
 
+def pattern_of(kind: str) -> Pattern:
+    """A sparsity kind of the tables: ``2:4``, ``4x4:8`` or ``50%`` / ``70%`` (unstructured, per row)."""
+    return parse_pattern("unstructured", int(kind[:-1]) / 100) if kind.endswith("%") else parse_pattern(kind)
+
+
 def ours(w: torch.Tensor) -> dict:
     out = {}
-    for spec in ("2:4", "4x4:8"):
-        keep = parse_pattern(spec).project(w.abs())
-        pw = pack((w * keep).bfloat16(), layout_for(spec), keep)
+    for spec in ("2:4", "4x4:8", "50%", "70%"):
+        pattern = pattern_of(spec)
+        keep = pattern.project(w.abs())
+        pw = pack((w * keep).bfloat16(), layout_for(pattern), keep)
         out[f"ours {spec} bf16"] = (lambda x, pw=pw: cpu.linear(x, pw), pw.nbytes, (w * keep).bfloat16().float())
     for name, sparse in (("ours 2:4+int4 g128", True), ("ours int4 g128", False)):
         q = quantize(w, 128, sparse=sparse)
@@ -163,8 +169,8 @@ def swap(model: torch.nn.Module, kind: str) -> None:
         elif kind.endswith("+int4"):
             new = Int4Linear(quantize(w, 128, sparse=kind.startswith("2:4"), symmetric=False))
         else:
-            keep = parse_pattern(kind).project(w.abs())
-            new = SparseLinear.from_weight((w * keep).to(lin.weight.dtype), kind, mask=keep)
+            keep = pattern_of(kind).project(w.abs())
+            new = SparseLinear.from_weight((w * keep).to(lin.weight.dtype), pattern_of(kind), mask=keep)
         model.set_submodule(name, new)
 
 
@@ -205,7 +211,7 @@ def e2e_rows(args: argparse.Namespace, env: dict) -> list[dict]:
         base, ids = build_model(name)
         for kind in args.kinds.split(","):
             model = copy.deepcopy(base)
-            if kind == "dense bf16" or kind in ("2:4", "4x4:8"):
+            if kind == "dense bf16" or kind in ("2:4", "4x4:8", "50%", "70%"):
                 model = model.bfloat16()
             if not kind.startswith("dense"):
                 swap(model, kind)
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2", help="linear: each; e2e: the last")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--models", default="smollm2,llama-1b-shape")
-    p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,2:4+int4,dense+int4")
+    p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,50%,2:4+int4,dense+int4")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--e2e-reps", type=int, default=3)
     p.add_argument("--loop", choices=("lean", "transformers"), default="lean", help="e2e: llmprune's decode loop or "

@@ -52,9 +52,11 @@ def _bind(module: nn.Module, act_int8: bool = True) -> Callable[[torch.Tensor], 
     """``module``'s forward for ``[T, K]`` inputs: the C++ op with bound arguments where it holds the weight."""
     if type(module) not in _WEIGHT or not cpu.available():
         return module
-    args = cpu.weight_args(getattr(module, _WEIGHT[type(module)]))
+    weight = getattr(module, _WEIGHT[type(module)])
+    args = cpu.weight_args(weight)
     head, tail, bias, op = args[:4], args[4:], module.bias, torch.ops.llmprune_cpu.linear
-    return lambda x: op(x, *head, bias, *tail, cpu.SMALL_M, act_int8)
+    small = {dtype: cpu.small_m_for(weight, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    return lambda x: op(x, *head, bias, *tail, small.get(x.dtype, cpu.SMALL_M), act_int8)
 
 
 def _concat(mods: list[nn.Module], act_int8: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 from ..formats import SLACK, PackedWeight
@@ -10,6 +13,7 @@ from ..int8 import Int8Weight
 from .build import available
 
 SMALL_M = 16  # up to this many tokens the row kernels run; above, decoded rows go through the BLAS
+AMX_SMALL_M = 8  # the same for 16-bit float weights and tokens where oneDNN's bf16 GEMMs run on AMX tiles
 NM24, TILE, DENSE, BITMASK = 0, 1, 2, 3  # packed.h's layout kinds
 DENSE_FLOAT = 4  # layer.h: an nn.Linear's float weight
 
@@ -32,7 +36,23 @@ def weight_args(w: Weight) -> tuple:
     return (w.values, w.meta, None, None, kind, lay.r, lay.c, lay.kv, n, k, 0, 0)
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, small_m: int = SMALL_M,
+@functools.cache
+def _amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def small_m_for(w: Weight, dtype: torch.dtype) -> int:
+    """Up to how many tokens of ``dtype`` the row kernels beat decoding into the BLAS (measured with
+    ``benchmarks/cpu.py --part linear``: on a CPU with AMX, dense bf16 GEMMs cost the same from 1 to 16 tokens and
+    the crossover for 16-bit weights is ~8 tokens; elsewhere, and for int4 / int8 codes, 16)."""
+    half = isinstance(w, PackedWeight) and w.values.dtype == dtype and dtype in (torch.bfloat16, torch.float16)
+    return AMX_SMALL_M if half and _amx() else SMALL_M
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, small_m: int | None = None,
            act_int8: bool = True) -> torch.Tensor:
     """``x [M, K] @ W.T + bias`` in ``x``'s dtype, computed in fp32 by the C++ kernels (``available()`` first).
 
@@ -41,7 +61,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, small_m
     order of that rounding (:func:`quantize_act` is the reference). Float weights ignore it.
     """
     *parts, = weight_args(w)
-    return torch.ops.llmprune_cpu.linear(x, *parts[:4], bias, *parts[4:], small_m, act_int8)
+    small = small_m_for(w, x.dtype) if small_m is None else small_m
+    return torch.ops.llmprune_cpu.linear(x, *parts[:4], bias, *parts[4:], small, act_int8)
 
 
 def quantize_act(x: torch.Tensor) -> torch.Tensor:
@@ -63,4 +84,4 @@ def threads_used(items: int = 64) -> int:
     return torch.ops.llmprune_cpu.threads_used(items)
 
 
-__all__ = ["SMALL_M", "available", "decode", "linear", "quantize_act", "threads_used", "weight_args"]
+__all__ = ["SMALL_M", "available", "decode", "linear", "quantize_act", "small_m_for", "threads_used", "weight_args"]

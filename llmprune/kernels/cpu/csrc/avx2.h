@@ -17,10 +17,13 @@ struct Luts {
   alignas(32) int32_t mask[256][8];     // bit j set -> all ones
   alignas(32) int8_t spread16[256][32]; // bitmask byte -> pshufb of 8 16-bit values to their columns (0x80: zero); 16 used
   alignas(32) int8_t spread_bf[256][32];// the same to the high halves of 8 fp32 lanes (a bf16 is a truncated fp32)
+  alignas(16) int8_t spread24[256][16]; // byte of 2:4 meta -> pshufb of its 4 16-bit values to their 8 columns
+  uint8_t keep24[256];                  // byte of 2:4 meta -> its 8 columns' keep bits (for rank_lo / mask)
   Luts() {
     for (int b = 0; b < 256; ++b) {
       const int ga = b & 15, gb = b >> 4, pc = __builtin_popcount(b);
       const int gather[4] = {ga & 3, ga >> 2, 4 + (gb & 3), 4 + (gb >> 2)};
+      keep24[b] = static_cast<uint8_t>((1 << gather[0]) | (1 << gather[1]) | (1 << gather[2]) | (1 << gather[3]));
       for (int j = 0; j < 8; ++j) {
         const int rank = __builtin_popcount(b & ((1 << j) - 1));
         nm24[b][j] = gather[j & 3];
@@ -32,6 +35,10 @@ struct Luts {
         spread16[b][2 * j] = lo, spread16[b][2 * j + 1] = hi;
         int8_t* f = spread_bf[b] + 4 * j;  // lane j of the ymm: byte 4 * (j % 4) of 128-bit half j / 4
         f[0] = f[1] = -128, f[2] = lo, f[3] = hi;
+        const int code = j < 4 ? ga : gb, base = j < 4 ? 0 : 2, p = j & 3;
+        const int idx = p == (code & 3) ? base : p == (code >> 2) ? base + 1 : -1;
+        spread24[b][2 * j] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx);
+        spread24[b][2 * j + 1] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx + 1);
       }
     }
   }
@@ -82,60 +89,6 @@ struct Q8 {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j))));
   }
 };
-
-// Bitmask (unstructured): a byte of keep bits spreads the next popcount(byte) values of the row to its 8
-// columns, zeros elsewhere, by one byte shuffle (16-bit values) or a permute and a mask (fp32); then one FMA
-// a token against 8 columns of x. bf16 needs no conversion: the shuffle writes it to the top of each fp32 lane.
-// `e` is the byte offset of the byte's 32-byte entry in a table (byte * 32), so no table needs its own index;
-// the tables are fetched once a row (a function-local static's guard inside the loop costs every register).
-inline const uint8_t* entry(const void* table, uint32_t e) { return static_cast<const uint8_t*>(table) + e; }
-struct SpreadF32 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
-    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.rank_lo, e)));
-    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(entry(L.mask, e)));
-    return _mm256_and_ps(_mm256_permutevar8x32_ps(F32::load(v, j), idx), keep);
-  }
-};
-struct SpreadF16 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j));
-    return _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_load_si128(reinterpret_cast<const __m128i*>(entry(L.spread16, e)))));
-  }
-};
-struct SpreadBF16 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
-    const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j)));
-    return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.spread_bf, e)))));
-  }
-};
-
-// A word's four bytes start at values j, j + popcount(low byte), ... (independent of each other); only the
-// word's total carries to the next word, clamped to kv so a corrupt mask never reads past the row's slack.
-template <class S, int MB>
-void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
-  const Luts& L = luts();
-  const int32_t* meta = w.mrow(n);
-  const uint8_t* v = w.vrow(n);
-  __m256 a0[MB], a1[MB];
-  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
-    const uint32_t word = static_cast<uint32_t>(meta[wi]);
-    const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
-    const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
-    const __m256 d0 = S::at(L, v, j, (word << 5) & 0x1FE0), d1 = S::at(L, v, j1, (word >> 3) & 0x1FE0);
-    const __m256 d2 = S::at(L, v, j2, (word >> 11) & 0x1FE0), d3 = S::at(L, v, j3, (word >> 19) & 0x1FE0);
-    j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
-    for (int m = 0; m < MB; ++m) {
-      const float* xp = x + m * xs + wi * 32;
-      a0[m] = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xp), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xp + 8), a1[m]);
-      a0[m] = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xp + 16), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xp + 24), a1[m]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
-}
 
 // 2:4: per meta word (32 columns, 16 values) gather x at the kept columns with two permutes a ymm, then
 // FMA with the values: the multiply-adds are half of dense. Quantized values accumulate (u - zero) * x per

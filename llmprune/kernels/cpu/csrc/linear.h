@@ -12,6 +12,7 @@
 #define LLMP_AVX2 1
 #include "avx2.h"
 #include "q8.h"
+#include "spread.h"
 #endif
 
 namespace llmp {
@@ -162,21 +163,47 @@ inline void small_q8(const Packed& w, const float* x, int64_t M, int64_t ld, flo
   small(w, xd.data(), M, ld, y);
 }
 
-inline void decode_rows(const Packed& w, int64_t t0, int64_t t1, float* out, int64_t ld) {
+// Tile rows t0 .. t1 as dense fp32 rows, ld apart: the scalar decoder, or with `fast` the vector one where the
+// layout has it (quantized codes, spread.h).
+inline void decode_rows(const Packed& w, int64_t t0, int64_t t1, float* out, int64_t ld, bool fast = false) {
   at::parallel_for(t0, t1, 1, [&](int64_t b, int64_t e) {
-    for (int64_t tr = b; tr < e; ++tr) decode_tile_row(w, tr, out + (tr - t0) * w.r * ld, ld);
+    for (int64_t tr = b; tr < e; ++tr) {
+#ifdef LLMP_AVX2
+      if (fast && decode_q(w, tr, out + (tr - t0) * ld)) {  // it writes kp columns; the BLAS reads ld
+        std::fill(out + (tr - t0) * ld + w.kp, out + (tr - t0 + 1) * ld, 0.f);
+        continue;
+      }
+#endif
+      decode_tile_row(w, tr, out + (tr - t0) * w.r * ld, ld);
+    }
   });
 }
 
 // Many tokens: decode ~4 MB of rows at a time and hand them to the BLAS in x's dtype (the GEMM dense x's
-// dtype gets: bf16 runs oneDNN's bf16 kernels where the CPU has them); no dense copy is kept.
+// dtype gets: bf16 runs oneDNN's bf16 kernels where the CPU has them); no dense copy is kept. 2:4 and bitmask
+// rows whose 16-bit values are x's dtype are shuffled straight into a 16-bit buffer (spread.h).
 inline void prefill(const Packed& w, const at::Tensor& xf, at::ScalarType dtype, at::Tensor& y, int64_t ld) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 20) / (w.r * ld));
   const at::Tensor xd = xf.to(dtype);
+#ifdef LLMP_AVX2
+  if (dtype == w.vdtype && dtype != at::kFloat && w.bits == 0 && (w.kind == NM24 || w.kind == BITMASK)) {
+    const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 21) / ld);  // 4 MB: fewer, larger GEMMs paid off
+    at::Tensor buf = at::zeros({chunk, ld}, xd.options());  // columns past kp stay zero
+    auto* out = static_cast<uint16_t*>(buf.data_ptr());
+    for (int64_t t0 = 0; t0 < w.n; t0 += chunk) {
+      const int64_t t1 = std::min(w.n, t0 + chunk);
+      at::parallel_for(t0, t1, 16, [&](int64_t b, int64_t e) {
+        for (int64_t tr = b; tr < e; ++tr) decode16_row(w, tr, out + (tr - t0) * ld);
+      });
+      y.narrow(1, t0, t1 - t0).copy_(at::mm(xd, buf.narrow(0, 0, t1 - t0).t()));
+    }
+    return;
+  }
+#endif
   at::Tensor buf = at::empty({chunk * w.r, ld}, xf.options());
   for (int64_t t0 = 0; t0 < w.tile_rows(); t0 += chunk) {
     const int64_t t1 = std::min(w.tile_rows(), t0 + chunk), rows = (t1 - t0) * w.r;
-    decode_rows(w, t0, t1, buf.data_ptr<float>(), ld);
+    decode_rows(w, t0, t1, buf.data_ptr<float>(), ld, true);
     y.narrow(1, t0 * w.r, rows).copy_(at::mm(xd, buf.narrow(0, 0, rows).to(dtype).t()));
   }
 }

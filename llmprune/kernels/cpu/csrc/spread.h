@@ -1,0 +1,134 @@
+// Weights spread from their packed values to dense columns by byte shuffles (AVX2): the unstructured bitmask's
+// row kernel, and the 16-bit decoders of the many-token path (bitmask and 2:4 rows straight into the BLAS's
+// bf16 / fp16 buffer, one shuffle a 8 columns, no float round trip).
+#pragma once
+#include "avx2.h"
+
+namespace llmp {
+
+// Bitmask (unstructured): a byte of keep bits spreads the next popcount(byte) values of the row to its 8
+// columns, zeros elsewhere, by one byte shuffle (16-bit values) or a permute and a mask (fp32); then one FMA
+// a token against 8 columns of x. bf16 needs no conversion: the shuffle writes it to the top of each fp32 lane.
+// `e` is the byte offset of the byte's 32-byte entry in a table (byte * 32), so no table needs its own index;
+// the tables are fetched once a row (a function-local static's guard inside the loop costs every register).
+inline const uint8_t* entry(const void* table, uint32_t e) { return static_cast<const uint8_t*>(table) + e; }
+struct SpreadF32 {
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.rank_lo, e)));
+    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(entry(L.mask, e)));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(F32::load(v, j), idx), keep);
+  }
+};
+struct SpreadF16 {
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_load_si128(reinterpret_cast<const __m128i*>(entry(L.spread16, e)))));
+  }
+};
+struct SpreadBF16 {
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
+    const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j)));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.spread_bf, e)))));
+  }
+};
+
+// A word's four bytes start at values j, j + popcount(low byte), ... (independent of each other); only the
+// word's total carries to the next word, clamped to kv so a corrupt mask never reads past the row's slack.
+template <class S, int MB>
+void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(n);
+  const uint8_t* v = w.vrow(n);
+  __m256 a0[MB], a1[MB];
+  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
+    const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
+    const __m256 d0 = S::at(L, v, j, (word << 5) & 0x1FE0), d1 = S::at(L, v, j1, (word >> 3) & 0x1FE0);
+    const __m256 d2 = S::at(L, v, j2, (word >> 11) & 0x1FE0), d3 = S::at(L, v, j3, (word >> 19) & 0x1FE0);
+    j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
+    for (int m = 0; m < MB; ++m) {
+      const float* xp = x + m * xs + wi * 32;
+      a0[m] = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xp), a0[m]);
+      a1[m] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xp + 8), a1[m]);
+      a0[m] = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xp + 16), a0[m]);
+      a1[m] = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xp + 24), a1[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
+}
+
+// Tile row tr of a 2:4 or bitmask weight with 16-bit values as dense 16-bit rows in out (kp columns); the
+// caller zeroes the columns past kp once. Other layouts return false (the scalar decoder runs).
+inline bool decode16_row(const Packed& w, int64_t tr, uint16_t* out) {
+  if (w.bits || w.vdtype == at::kFloat || (w.kind != NM24 && w.kind != BITMASK)) return false;
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(tr);
+  const uint8_t* v = w.vrow(tr);
+  __m128i* o = reinterpret_cast<__m128i*>(out);
+  if (w.kind == NM24) {
+    for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
+      const uint32_t word = static_cast<uint32_t>(meta[wi]);
+      for (int q = 0; q < 4; ++q) {  // 8 columns keep 4 values (8 bytes): a 64-bit load stays inside the row
+        const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 2 * (wi * 16 + 4 * q)));
+        const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(L.spread24[(word >> (8 * q)) & 255]));
+        _mm_storeu_si128(o + wi * 4 + q, _mm_shuffle_epi8(h, c));
+      }
+    }
+    return true;
+  }
+  int64_t j = 0;  // as bitmask_row: a word's bytes start at independent offsets, the word's total carries
+  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    const int64_t from[4] = {j, j + __builtin_popcount(word & 0xFF), j + __builtin_popcount(word & 0xFFFF),
+                           j + __builtin_popcount(word & 0xFFFFFF)};
+    for (int q = 0; q < 4; ++q) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * from[q]));
+      const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(L.spread16[(word >> (8 * q)) & 255]));
+      _mm_storeu_si128(o + wi * 4 + q, _mm_shuffle_epi8(h, c));
+    }
+    j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
+  }
+  return true;
+}
+
+// Row n of int4 / int8 codes, dense or 2:4, as fp32 (u - zero) * scale in out (kp columns, the padding 0):
+// the many-token path's decoder. Groups must be whole 32-column steps; other layouts return false.
+template <class V>
+inline void decode_q_row(const Packed& w, int64_t n, float* out) {
+  const Luts& L = luts();
+  const uint8_t* v = w.vrow(n);
+  if (w.kind == DENSE) {
+    const int64_t full = w.k / 32 * 32;
+    for (int64_t col = 0; col < full; col += 32) {
+      const int64_t g = w.group_of(col);
+      const __m256 z = _mm256_set1_ps(w.zero_at(n, g)), s = _mm256_set1_ps(w.scale_at(n, g));
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + col + 8 * i, _mm256_mul_ps(_mm256_sub_ps(V::load(v, col + 8 * i), z), s));
+    }
+    for (int64_t col = full; col < w.kp; ++col) out[col] = col < w.k ? w.value(n, col, n, col) : 0.f;
+    return;
+  }
+  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {  // 2:4: 16 codes a word, spread to 32 columns
+    const uint32_t word = static_cast<uint32_t>(w.mrow(n)[wi]);
+    const int64_t g = w.group_of(wi * 32);
+    const __m256 z = _mm256_set1_ps(w.zero_at(n, g)), s = _mm256_set1_ps(w.scale_at(n, g));
+    const __m256 half[2] = {_mm256_mul_ps(_mm256_sub_ps(V::load(v, wi * 16), z), s),
+                            _mm256_mul_ps(_mm256_sub_ps(V::load(v, wi * 16 + 8), z), s)};
+    for (int q = 0; q < 4; ++q) {  // byte q: 4 values from value 4q of the word
+      const uint32_t keep = L.keep24[(word >> (8 * q)) & 255];
+      const __m256i idx = _mm256_add_epi32(lut(L.rank_lo, keep), _mm256_set1_epi32(4 * (q & 1)));
+      _mm256_storeu_ps(out + wi * 32 + 8 * q, _mm256_and_ps(_mm256_permutevar8x32_ps(half[q >> 1], idx),
+                                                             _mm256_castsi256_ps(lut(L.mask, keep))));
+    }
+  }
+}
+
+inline bool decode_q(const Packed& w, int64_t n, float* out) {
+  if (!w.bits || (w.kind != DENSE && w.kind != NM24) || !(w.groups == 1 || w.gs % 32 == 0)) return false;
+  w.bits == 4 ? decode_q_row<Q4>(w, n, out) : decode_q_row<Q8>(w, n, out);
+  return true;
+}
+
+}  // namespace llmp
