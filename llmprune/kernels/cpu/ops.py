@@ -47,9 +47,13 @@ def _amx() -> bool:
 def small_m_for(w: Weight, dtype: torch.dtype) -> int:
     """Up to how many tokens of ``dtype`` the row kernels beat decoding into the BLAS (measured with
     ``benchmarks/cpu.py --part linear``: on a CPU with AMX, dense bf16 GEMMs cost the same from 1 to 16 tokens and
-    the crossover for 16-bit weights is ~8 tokens; elsewhere, and for int4 / int8 codes, 16)."""
-    half = isinstance(w, PackedWeight) and w.values.dtype == dtype and dtype in (torch.bfloat16, torch.float16)
-    return AMX_SMALL_M if half and _amx() else SMALL_M
+    the crossover for 16-bit 2:4, 4x4:8 and bitmask weights, which shuffle straight into the GEMM's buffer, is
+    ~8 tokens; elsewhere, and for other layouts and int4 / int8 codes, 16)."""
+    if not isinstance(w, PackedWeight) or w.values.dtype != dtype or dtype not in (torch.bfloat16, torch.float16):
+        return SMALL_M
+    lay = w.layout
+    shuffled = lay.fmt in ("2:4", "bitmask") or (lay.r, lay.c, lay.kv) == (4, 4, 8)
+    return AMX_SMALL_M if shuffled and _amx() else SMALL_M
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, small_m: int | None = None,

@@ -18,6 +18,7 @@ struct Luts {
   alignas(32) int8_t spread16[256][32]; // bitmask byte -> pshufb of 8 16-bit values to their columns (0x80: zero); 16 used
   alignas(32) int8_t spread_bf[256][32];// the same to the high halves of 8 fp32 lanes (a bf16 is a truncated fp32)
   alignas(16) int8_t spread24[256][16]; // byte of 2:4 meta -> pshufb of its 4 16-bit values to their 8 columns
+  alignas(16) int8_t spread_hi[256][16];// high byte of a 4x4 tile keeping 8: spread16 counted from 8 - popcount
   uint8_t keep24[256];                  // byte of 2:4 meta -> its 8 columns' keep bits (for rank_lo / mask)
   Luts() {
     for (int b = 0; b < 256; ++b) {
@@ -33,6 +34,9 @@ struct Luts {
         const bool set = (b >> j) & 1;
         const int8_t lo = set ? static_cast<int8_t>(2 * rank) : -128, hi = set ? static_cast<int8_t>(2 * rank + 1) : -128;
         spread16[b][2 * j] = lo, spread16[b][2 * j + 1] = hi;
+        const int top = (8 - pc + rank) & 7;
+        spread_hi[b][2 * j] = set ? static_cast<int8_t>(2 * top) : -128;
+        spread_hi[b][2 * j + 1] = set ? static_cast<int8_t>(2 * top + 1) : -128;
         int8_t* f = spread_bf[b] + 4 * j;  // lane j of the ymm: byte 4 * (j % 4) of 128-bit half j / 4
         f[0] = f[1] = -128, f[2] = lo, f[3] = hi;
         const int code = j < 4 ? ga : gb, base = j < 4 ? 0 : 2, p = j & 3;

@@ -60,14 +60,32 @@ void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
   for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
 }
 
-// Tile row tr of a 2:4 or bitmask weight with 16-bit values as dense 16-bit rows in out (kp columns); the
-// caller zeroes the columns past kp once. Other layouts return false (the scalar decoder runs).
-inline bool decode16_row(const Packed& w, int64_t tr, uint16_t* out) {
-  if (w.bits || w.vdtype == at::kFloat || (w.kind != NM24 && w.kind != BITMASK)) return false;
+// Whether decode16_row has w's layout: 16-bit values of 2:4, 4x4:8 or the bitmask.
+inline bool has_decode16(const Packed& w) {
+  return !w.bits && w.vdtype != at::kFloat &&
+         (w.kind == NM24 || w.kind == BITMASK || (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8));
+}
+
+// Tile row tr of a has_decode16 weight as r dense 16-bit rows, ld apart, in out (kp columns; the caller zeroes
+// the columns past kp once).
+inline void decode16_row(const Packed& w, int64_t tr, uint16_t* out, int64_t ld) {
   const Luts& L = luts();
   const int32_t* meta = w.mrow(tr);
   const uint8_t* v = w.vrow(tr);
   __m128i* o = reinterpret_cast<__m128i*>(out);
+  if (w.kind == TILE) {  // 4x4:8: a tile's 8 values (16 bytes) to rows 0-1 and 2-3 by a shuffle each
+    for (int64_t t = 0, tiles = w.kp / 4; t < tiles; ++t) {
+      const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * t));
+      const __m128i r01 = _mm_shuffle_epi8(h, _mm_load_si128(reinterpret_cast<const __m128i*>(L.spread16[code & 255])));
+      const __m128i r23 = _mm_shuffle_epi8(h, _mm_load_si128(reinterpret_cast<const __m128i*>(L.spread_hi[code >> 8])));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 4 * t), r01);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + ld + 4 * t), _mm_unpackhi_epi64(r01, r01));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 2 * ld + 4 * t), r23);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + 3 * ld + 4 * t), _mm_unpackhi_epi64(r23, r23));
+    }
+    return;
+  }
   if (w.kind == NM24) {
     for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
       const uint32_t word = static_cast<uint32_t>(meta[wi]);
@@ -77,7 +95,7 @@ inline bool decode16_row(const Packed& w, int64_t tr, uint16_t* out) {
         _mm_storeu_si128(o + wi * 4 + q, _mm_shuffle_epi8(h, c));
       }
     }
-    return true;
+    return;
   }
   int64_t j = 0;  // as bitmask_row: a word's bytes start at independent offsets, the word's total carries
   for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
@@ -91,7 +109,6 @@ inline bool decode16_row(const Packed& w, int64_t tr, uint16_t* out) {
     }
     j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
   }
-  return true;
 }
 
 // Row n of int4 / int8 codes, dense or 2:4, as fp32 (u - zero) * scale in out (kp columns, the padding 0):
