@@ -96,12 +96,14 @@ def test_a_corrupt_bitmask_reads_nothing_past_its_row() -> None:
     close(cpu.linear(x, packed), x @ dense.T, torch.float32)
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["int4", "2:4+int4"])
+@pytest.mark.parametrize("sparse", [False, True, "4x4:8", "unstructured"],
+                         ids=["int4", "2:4+int4", "4x4:8+int4", "unstructured+int4"])
 @pytest.mark.parametrize("group_size", [32, 48, 128, -1])  # 48: groups off the 32-column step (scalar path)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_equals_dense_matmul_of_the_dequantized_weight(sparse: bool, group_size: int, symmetric: bool,
+def test_int4_equals_dense_matmul_of_the_dequantized_weight(sparse: bool | str, group_size: int, symmetric: bool,
                                                            threads: int) -> None:
-    for n, k in [(8, 576), (12, 100), (4, 36)] + ([] if sparse else [(4, 33), (3, 7)]):
+    odd = sparse in (False, "unstructured")  # K off 4 columns
+    for n, k in [(8, 576), (12, 100), (4, 36)] + ([(4, 33), (3, 7)] if odd else []):
         w4 = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(k)),
                       k if group_size < 0 else group_size, sparse, symmetric)
         ref_w = w4.dequantize()
@@ -113,6 +115,7 @@ def test_int4_equals_dense_matmul_of_the_dequantized_weight(sparse: bool, group_
 
 
 Q8_CASES = [(kind, gs, sym) for kind in ("int4", "2:4+int4") for gs in (32, 64, 48, 128, -1) for sym in (False, True)]
+Q8_CASES += [(kind, gs, False) for kind in ("4x4:8+int4", "unstructured+int4") for gs in (32, -1)]  # float path
 
 
 @pytest.mark.parametrize("kind, group_size, symmetric", Q8_CASES + [("int8", -1, True)])  # int8: per row, symmetric
@@ -124,10 +127,13 @@ def test_int8_activations_equal_the_matmul_of_rounded_tokens(kind: str, group_si
     from llmprune.kernels.int8 import quantize8
 
     shapes = [(8, 576), (12, 100), (5, 96), (3, 256), (4, 36)] + ([(4, 33), (3, 7)] if kind != "2:4+int4" else [])
+    sparse = {"2:4+int4": True, "4x4:8+int4": "4x4:8", "unstructured+int4": "unstructured"}.get(kind, False)
     for n, k in shapes:  # 576, 256: whole 64-column steps; 96, 100, 36: a 32-column tail (2:4 falls back)
+        if sparse == "4x4:8" and (n % 4 or k % 4):
+            continue
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k))
         gs = k if group_size < 0 else group_size
-        wq = quantize8(w) if kind == "int8" else quantize(w, gs, kind == "2:4+int4", symmetric)
+        wq = quantize8(w) if kind == "int8" else quantize(w, gs, sparse, symmetric)
         ref_w = wq.dequantize()
         for m in (1, 2, 3, 5, 16, 17):
             x = torch.randn(m, k) * torch.linspace(0.1, 30, k)  # blocks of very different ranges
@@ -220,10 +226,10 @@ def test_kernels_refuse_unsupported_and_dense_checkpoints_in_one_line(tmp_path: 
 
     from .test_quant import CALIB, tiny_model
 
-    result = llmprune.prune(tiny_model(), None, PruneConfig(pattern="unstructured", sparsity=0.5, quant="int4",
-                                                            group_size=32, batch_size=4), calib=CALIB, quiet=True)
-    out = result.save(tmp_path / "u4")
-    with pytest.raises(LLMPruneError, match=r"q_proj.weight: the kernels run unstructured, N:M .*not unstructured.*\+int4"):
+    result = llmprune.prune(tiny_model(), None, PruneConfig(pattern="2:4", quant="int8", group_size=32, batch_size=4),
+                            calib=CALIB, quiet=True)
+    out = result.save(tmp_path / "s8")
+    with pytest.raises(LLMPruneError, match=r"q_proj.weight: the kernels run unstructured, N:M .*not 2:4\+int8"):
         load(out, kernels=True)
     with pytest.raises(LLMPruneError, match="q_proj.weight: the kernels run"):
         AutoModelForCausalLM.from_pretrained(out, quantization_config=LLMPruneQuantizationConfig(kernels=True))
@@ -299,14 +305,16 @@ def test_pruned_smollm2_greedy_tokens_equal_with_kernels_on_and_off(smollm2, tmp
     assert on.tokens == off.tokens
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "unstructured"], ids=["2:4+int4", "int4"])
-def test_load_with_kernels_runs_int4_checkpoints_on_the_cpu(pattern: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pattern, sparsity", [("2:4", None), ("unstructured", 0.0), ("4x4:8", None),
+                                               ("unstructured", 0.6)],
+                         ids=["2:4+int4", "int4", "4x4:8+int4", "unstructured+int4"])
+def test_load_with_kernels_runs_int4_checkpoints_on_the_cpu(pattern: str, sparsity: float | None,
+                                                           tmp_path: Path) -> None:
     import llmprune
     from llmprune import PruneConfig
 
     from .test_quant import CALIB, tiny_model
 
-    sparsity = None if pattern == "2:4" else 0.0
     result = llmprune.prune(tiny_model(), None, PruneConfig(pattern=pattern, sparsity=sparsity, quant="int4",
                                                             group_size=32, batch_size=4), calib=CALIB, quiet=True)
     out = result.save(tmp_path / "q")

@@ -40,7 +40,7 @@ def swap(model: torch.nn.Module, kind: str) -> None:
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         w, b = lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach()
         if kind.endswith("int4"):
-            new = Int4Linear(quantize(w, 32, sparse=kind.startswith("2:4"), symmetric=False), b)
+            new = Int4Linear(quantize(w, 32, sparse=SPARSE4[kind], symmetric=False), b)
         else:
             keep = parse_pattern(kind).project(w.abs())
             new = SparseLinear.from_weight((w * keep).to(lin.weight.dtype), kind, mask=keep, bias=b)
@@ -54,7 +54,8 @@ def run(model: torch.nn.Module, prompt: torch.Tensor, more: list[int], native: b
     return torch.stack([dec.step(prompt)] + [dec.step(torch.tensor([t])) for t in more]).float()
 
 
-CASES = [(kind, torch.float32) for kind in ("dense", "2:4", "4x4:8", "unstructured", "2:4+int4", "int4")] + \
+SPARSE4 = {"int4": False, "2:4+int4": True, "4x4:8+int4": "4x4:8", "unstructured+int4": "unstructured"}
+CASES = [(kind, torch.float32) for kind in ("dense", "2:4", "4x4:8", "unstructured", *SPARSE4)] + \
         [(kind, torch.bfloat16) for kind in ("dense", "2:4", "unstructured")]
 
 
@@ -78,14 +79,14 @@ def test_lean_logits_equal_transformers(arch: str, kind: str, dtype: torch.dtype
 def test_fuse_rows_equals_the_separate_projections() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 64, generator=g)
-    for kind in ("dense", "2:4", "4x4:8", "unstructured", "int4", "2:4+int4"):
+    for kind in ("dense", "2:4", "4x4:8", "unstructured", *SPARSE4):
         mods = []
         for n, sym in ((32, False), (16, True), (16, False)):  # mixed symmetric / asymmetric int4 grids
             w = torch.randn(n, 64, generator=g)
             if kind == "dense":
                 mods.append(torch.nn.Linear(64, n))
             elif "int4" in kind:
-                mods.append(Int4Linear(quantize(w, 32, kind.startswith("2:4"), sym), torch.randn(n) if n == 32 else None))
+                mods.append(Int4Linear(quantize(w, 32, SPARSE4[kind], sym), torch.randn(n) if n == 32 else None))
             else:  # unstructured: rows keep 50 % or 75 %, strides differ
                 keep = parse_pattern(kind, 0.5 if sym else 0.25 if kind == "unstructured" else None).project(w.abs())
                 mods.append(SparseLinear.from_weight(w * keep, kind, mask=keep, bias=torch.randn(n, generator=g)))

@@ -51,11 +51,18 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
     if type(first) is Int4Linear:
         if any(m.group_size != first.group_size or (m.meta is None) != (first.meta is None) for m in mods):
             return None
+        sparse = first.meta is not None
+        if sparse and any(m.layout != first.layout or m.meta.shape[1] != first.meta.shape[1] for m in mods):
+            return None
+        width = max(m.codes.shape[1] for m in mods)  # a bitmask's rows: padded to the widest (as values above)
+        if any(m.codes.shape[1] != width for m in mods) and not (sparse and first.layout.fmt == "bitmask"):
+            return None
         zeros = None
         if any(m.zero is not None for m in mods):  # a symmetric grid's zero is 8
             zeros = torch.cat([m.zero if m.zero is not None else torch.full_like(m.scale, 8, dtype=torch.uint8)
                                for m in mods])
         meta = None if first.meta is None else torch.cat([m.meta for m in mods])
-        w = Int4Weight(torch.cat([m.codes for m in mods]), torch.cat([m.scale for m in mods]), zeros, meta,
-                       (sum(m.out_features for m in mods), first.in_features), first.group_size)
+        codes = torch.cat([F.pad(m.codes, (0, width - m.codes.shape[1])) for m in mods])
+        w = Int4Weight(codes, torch.cat([m.scale for m in mods]), zeros, meta,
+                       (sum(m.out_features for m in mods), first.in_features), first.group_size, first.layout)
         return Int4Linear(w, _bias(mods, torch.float32))

@@ -14,7 +14,7 @@ from .formats import Layout, PackedWeight, layout_for, pack, unpack
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HALF = (torch.float16, torch.bfloat16)
-SUPPORTED = ("unstructured, N:M and RxC:K patterns (tiles of at most 32 weights) with float values, 2:4 + int4, "
+SUPPORTED = ("unstructured, N:M and RxC:K patterns (tiles of at most 32 weights) with float or int4 values, "
              "and int4 without sparsity")
 
 
@@ -22,11 +22,10 @@ def unsupported(pattern: object) -> str | None:
     """Why the kernel modules can't hold a weight pruned to ``pattern`` (a ``Pattern``), or None if they can."""
     quant = getattr(pattern, "quant", None)
     kind = getattr(pattern, "kind", None)
-    if quant is not None:
-        is_24 = kind == "nm" and (pattern.n, pattern.m) == (2, 4)
-        if quant.bits == 4 and (is_24 or not pattern.structured and pattern.sparsity == 0):
-            return None
-    elif kind in ("nm", "tile") or kind == "unstructured" and pattern.sparsity > 0:
+    if quant is not None and quant.bits == 4 and not pattern.structured and pattern.sparsity == 0:
+        return None
+    pruned = kind in ("nm", "tile") or kind == "unstructured" and pattern.sparsity > 0
+    if (quant is None or quant.bits == 4) and pruned:
         try:
             layout_for(pattern)
             return None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..formats import SLACK, PackedWeight
-from ..int4 import Int4Weight
+from ..formats import SLACK, Layout, PackedWeight
+from ..int4 import CODE_SLACK, Int4Weight
 from ..int8 import Int8Weight
 from .build import available
 
@@ -21,19 +21,22 @@ DENSE_FLOAT = 4  # layer.h: an nn.Linear's float weight
 Weight = PackedWeight | Int4Weight | Int8Weight
 
 
+def _geometry(lay: Layout, row_len: int, slack: int) -> tuple[int, int, int, int]:
+    """(kind, r, c, kv) of a layout; a bitmask's kv is the most a row keeps: its row length less the slack."""
+    if lay.fmt == "bitmask":
+        return (BITMASK, 1, 32, row_len - slack)
+    return (NM24 if lay.fmt == "2:4" else TILE, lay.r, lay.c, lay.kv)
+
+
 def weight_args(w: Weight) -> tuple:
     """``(values, meta, scale, zero, kind, r, c, kv, n, k, bits, group_size)`` as the ops take them."""
     n, k = w.shape
     if isinstance(w, Int8Weight):
         return (w.codes, None, w.scale, None, DENSE, 1, 1, 1, n, k, 8, k)
     if isinstance(w, Int4Weight):
-        kind, geometry = (NM24, (1, 4, 2)) if w.sparse else (DENSE, (1, 1, 1))
-        return (w.codes, w.meta, w.scale, w.zero, kind, *geometry, n, k, 4, w.group_size)
-    lay = w.layout
-    if lay.fmt == "bitmask":  # kv: the most a row keeps, the stride less the slack
-        return (w.values, w.meta, None, None, BITMASK, 1, 32, w.values.shape[1] - SLACK, n, k, 0, 0)
-    kind = NM24 if lay.fmt == "2:4" else TILE
-    return (w.values, w.meta, None, None, kind, lay.r, lay.c, lay.kv, n, k, 0, 0)
+        geometry = _geometry(w.layout, 2 * w.codes.shape[1], SLACK + 2 * CODE_SLACK) if w.sparse else (DENSE, 1, 1, 1)
+        return (w.codes, w.meta, w.scale, w.zero, *geometry, n, k, 4, w.group_size)
+    return (w.values, w.meta, None, None, *_geometry(w.layout, w.values.shape[1], SLACK), n, k, 0, 0)
 
 
 @functools.cache

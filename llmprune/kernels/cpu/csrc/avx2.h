@@ -134,26 +134,46 @@ void nm24_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, 
 
 // 4x4:8: a tile's 8 values expand to its 4 rows x 4 columns (two ymm: rows 0-1, rows 2-3) by one permute
 // and mask each; x's 4 columns are broadcast to both halves. The values of rows 2-3 are the last
-// 8 - popcount(low byte), so both tables depend on one byte only.
+// 8 - popcount(low byte), so both tables depend on one byte only. Quantized codes: the rows' zero points are
+// subtracted after the permute (lanes 0-3 one row, 4-7 the next), the mask zeroes the pruned lanes after it,
+// and each row's scale multiplies its lanes once per group of gs columns.
 template <class V, int MB>
 void tile44_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* y, int64_t ys) {
   const Luts& L = luts();
   const int32_t* meta = w.mrow(tr);
   const uint8_t* v = w.vrow(tr);
+  const int64_t tiles = w.kp / 4, tpg = (!V::quant || w.groups == 1) ? tiles : w.gs / 4, row = 4 * tr;
   __m256 a01[MB], a23[MB];
   for (int m = 0; m < MB; ++m) a01[m] = a23[m] = _mm256_setzero_ps();
-  for (int64_t t = 0, tiles = w.kp / 4; t < tiles; ++t) {
-    const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
-    const uint32_t lo = code & 255, hi = code >> 8;
-    const __m256 val = V::load(v, t * 8);
-    const __m256 d01 = _mm256_and_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)),
-                                     _mm256_castsi256_ps(lut(L.mask, lo)));
-    const __m256 d23 = _mm256_and_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi)),
-                                     _mm256_castsi256_ps(lut(L.mask, hi)));
+  for (int64_t t0 = 0; t0 < tiles; t0 += tpg) {
+    const int64_t t1 = std::min(tiles, t0 + tpg), g = V::quant ? w.group_of(4 * t0) : 0;
+    auto pair = [&](auto at, int64_t r) {  // lanes 0-3: row r, 4-7: row r + 1
+      const float a = V::quant ? at(row + r, g) : 0.f, b = V::quant ? at(row + r + 1, g) : 0.f;
+      return _mm256_setr_ps(a, a, a, a, b, b, b, b);
+    };
+    auto zero = [&](int64_t r, int64_t gg) { return w.zero_at(r, gg); };
+    auto scale = [&](int64_t r, int64_t gg) { return w.scale_at(r, gg); };
+    const __m256 z01 = pair(zero, 0), z23 = pair(zero, 2);
+    __m256 p01[MB], p23[MB];
+    for (int m = 0; m < MB; ++m) p01[m] = p23[m] = _mm256_setzero_ps();
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
+      const uint32_t lo = code & 255, hi = code >> 8;
+      const __m256 val = V::load(v, t * 8);
+      __m256 d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
+      if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
+      d01 = _mm256_and_ps(d01, _mm256_castsi256_ps(lut(L.mask, lo)));
+      d23 = _mm256_and_ps(d23, _mm256_castsi256_ps(lut(L.mask, hi)));
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xx = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + m * xs + t * 4));
+        p01[m] = _mm256_fmadd_ps(d01, xx, p01[m]);
+        p23[m] = _mm256_fmadd_ps(d23, xx, p23[m]);
+      }
+    }
+    const __m256 s01 = pair(scale, 0), s23 = pair(scale, 2);
     for (int m = 0; m < MB; ++m) {
-      const __m256 xx = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + m * xs + t * 4));
-      a01[m] = _mm256_fmadd_ps(d01, xx, a01[m]);
-      a23[m] = _mm256_fmadd_ps(d23, xx, a23[m]);
+      a01[m] = V::quant ? _mm256_fmadd_ps(s01, p01[m], a01[m]) : _mm256_add_ps(a01[m], p01[m]);
+      a23[m] = V::quant ? _mm256_fmadd_ps(s23, p23[m], a23[m]) : _mm256_add_ps(a23[m], p23[m]);
     }
   }
   for (int m = 0; m < MB; ++m) {

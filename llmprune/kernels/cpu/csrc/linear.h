@@ -52,14 +52,15 @@ inline Packed view(const at::Tensor& values, const Opt& meta, const Opt& scale, 
     TORCH_CHECK(meta && meta->scalar_type() == at::kInt && meta->is_contiguous() && meta->dim() == 2 &&
                     meta->size(0) == n / r, "llmprune_cpu: meta must be contiguous int32 words, a row per tile row");
     TORCH_CHECK(kind != NM24 || (r == 1 && c == 4 && kv == 2), "llmprune_cpu: 2:4 is 1x4 keeping 2");
-    TORCH_CHECK(kind != BITMASK || (r == 1 && c == 32 && bits == 0 && kv >= 0),
-                "llmprune_cpu: the bitmask is 1x32 words of float values");
+    TORCH_CHECK(kind != BITMASK || (r == 1 && c == 32 && bits != 8 && kv >= 0),
+                "llmprune_cpu: the bitmask is 1x32 words of float values or int4 codes");
     w.meta = meta->data_ptr<int32_t>(), w.mstride = meta->size(1);
     w.kp = w.mstride * w.tiles_per_word() * c;
     TORCH_CHECK(w.kp >= k, "llmprune_cpu: meta covers fewer columns than k");
     count = kind == BITMASK ? kv + 32 : w.kp / c * kv;
   }
-  const int64_t need = bits == 0 ? count * values.element_size() : bits == 8 ? count : (count + 1) / 2;
+  // a bitmask's int4 row: 2 bytes past its slack, for 5-byte loads from an odd nibble
+  const int64_t need = bits == 0 ? count * values.element_size() : bits == 8 ? count : (count + 1) / 2 + (kind == BITMASK) * 2;
   TORCH_CHECK(w.vstride >= need, "llmprune_cpu: values hold ", w.vstride, " bytes a tile row, need ", need);
   if (bits) {
     TORCH_CHECK(scale && scale->scalar_type() == at::kHalf && scale->is_contiguous() && scale->dim() == 2 &&
@@ -84,11 +85,15 @@ RowFn pick(const Packed& w) {
     if (w.bits) return w.bits == 4 ? nm24_row<Q4, MB> : nm24_row<Q8, MB>;
     return f32 ? nm24_row<F32, MB> : f16 ? nm24_row<F16, MB> : nm24_row<BF16, MB>;
   }
-  if (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8 && w.bits == 0)
+  if (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8 && whole_groups) {
+    if (w.bits) return w.bits == 4 ? tile44_row<Q4, MB> : tile44_row<Q8, MB>;
     return f32 ? tile44_row<F32, MB> : f16 ? tile44_row<F16, MB> : tile44_row<BF16, MB>;
+  }
   if (w.kind == DENSE && whole_groups) return w.bits == 4 ? dense_q_row<4, MB> : dense_q_row<8, MB>;
-  if (w.kind == BITMASK)
+  if (w.kind == BITMASK && whole_groups) {
+    if (w.bits) return bitmask_row<SpreadQ4, MB>;
     return f32 ? bitmask_row<SpreadF32, MB> : f16 ? bitmask_row<SpreadF16, MB> : bitmask_row<SpreadBF16, MB>;
+  }
 #endif
   return nullptr;
 }

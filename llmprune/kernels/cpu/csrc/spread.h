@@ -11,53 +11,79 @@ namespace llmp {
 // a token against 8 columns of x. bf16 needs no conversion: the shuffle writes it to the top of each fp32 lane.
 // `e` is the byte offset of the byte's 32-byte entry in a table (byte * 32), so no table needs its own index;
 // the tables are fetched once a row (a function-local static's guard inside the loop costs every register).
+// Quantized codes (SpreadQ4) have the group's zero point subtracted before the spread, so pruned lanes are 0.
 inline const uint8_t* entry(const void* table, uint32_t e) { return static_cast<const uint8_t*>(table) + e; }
+inline __m256 spread_f32(const Luts& L, __m256 f, uint32_t e) {
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.rank_lo, e)));
+  const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(entry(L.mask, e)));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(f, idx), keep);
+}
 struct SpreadF32 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
-    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.rank_lo, e)));
-    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(entry(L.mask, e)));
-    return _mm256_and_ps(_mm256_permutevar8x32_ps(F32::load(v, j), idx), keep);
-  }
+  static constexpr bool quant = false;
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e, __m256) { return spread_f32(L, F32::load(v, j), e); }
 };
 struct SpreadF16 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
+  static constexpr bool quant = false;
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e, __m256) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j));
     return _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_load_si128(reinterpret_cast<const __m128i*>(entry(L.spread16, e)))));
   }
 };
 struct SpreadBF16 {
-  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e) {
+  static constexpr bool quant = false;
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e, __m256) {
     const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 2 * j)));
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.spread_bf, e)))));
+  }
+};
+struct SpreadQ4 {  // 8 codes from nibble j: 5 bytes from byte j / 2, shifted by a nibble when j is odd
+  static constexpr bool quant = true;
+  static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e, __m256 z) {
+    uint64_t b = 0;
+    std::memcpy(&b, v + (j >> 1), 5);
+    const uint32_t codes = static_cast<uint32_t>(b >> (4 * (j & 1)));
+    return spread_f32(L, _mm256_sub_ps(Q4::load(reinterpret_cast<const uint8_t*>(&codes), 0), z), e);
   }
 };
 
 // A word's four bytes start at values j, j + popcount(low byte), ... (independent of each other); only the
 // word's total carries to the next word, clamped to kv so a corrupt mask never reads past the row's slack.
+// Quantized codes accumulate (u - zero) * x per group of gs columns (a multiple of 32) and scale it once.
 template <class S, int MB>
 void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
   const Luts& L = luts();
   const int32_t* meta = w.mrow(n);
   const uint8_t* v = w.vrow(n);
-  __m256 a0[MB], a1[MB];
-  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  const int64_t words = w.kp / 32, wpg = (!S::quant || w.groups == 1) ? words : w.gs / 32;
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
   int64_t j = 0;
-  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
-    const uint32_t word = static_cast<uint32_t>(meta[wi]);
-    const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
-    const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
-    const __m256 d0 = S::at(L, v, j, (word << 5) & 0x1FE0), d1 = S::at(L, v, j1, (word >> 3) & 0x1FE0);
-    const __m256 d2 = S::at(L, v, j2, (word >> 11) & 0x1FE0), d3 = S::at(L, v, j3, (word >> 19) & 0x1FE0);
-    j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
+  for (int64_t w0 = 0; w0 < words; w0 += wpg) {
+    const int64_t w1 = std::min(words, w0 + wpg), g = S::quant ? w.group_of(w0 * 32) : 0;
+    const __m256 z = S::quant ? _mm256_set1_ps(w.zero_at(n, g)) : _mm256_setzero_ps();
+    __m256 a0[MB], a1[MB];
+    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (int64_t wi = w0; wi < w1; ++wi) {
+      const uint32_t word = static_cast<uint32_t>(meta[wi]);
+      const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
+      const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
+      const __m256 d0 = S::at(L, v, j, (word << 5) & 0x1FE0, z), d1 = S::at(L, v, j1, (word >> 3) & 0x1FE0, z);
+      const __m256 d2 = S::at(L, v, j2, (word >> 11) & 0x1FE0, z), d3 = S::at(L, v, j3, (word >> 19) & 0x1FE0, z);
+      j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
+      for (int m = 0; m < MB; ++m) {
+        const float* xp = x + m * xs + wi * 32;
+        a0[m] = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xp), a0[m]);
+        a1[m] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xp + 8), a1[m]);
+        a0[m] = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xp + 16), a0[m]);
+        a1[m] = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xp + 24), a1[m]);
+      }
+    }
     for (int m = 0; m < MB; ++m) {
-      const float* xp = x + m * xs + wi * 32;
-      a0[m] = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xp), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xp + 8), a1[m]);
-      a0[m] = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xp + 16), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xp + 24), a1[m]);
+      const __m256 part = _mm256_add_ps(a0[m], a1[m]);
+      acc[m] = S::quant ? _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), part, acc[m]) : _mm256_add_ps(acc[m], part);
     }
   }
-  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
+  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(acc[m]);
 }
 
 // Whether decode16_row has w's layout: 16-bit values of 2:4, 4x4:8 or the bitmask.
