@@ -31,7 +31,7 @@ from .dispatch import layout_key
 from .formats import Layout, PackedWeight, layout_for, pack, unpack
 
 LAYOUT_24 = Layout("2:4", 1, 4, 2)
-CODE_SLACK = 2  # bytes past a bitmask row's value slack: an 8-code load from an odd nibble reads 5 bytes
+CODE_SLACK = 4  # bytes past a bitmask row's value slack: 8 codes from an odd nibble come from one 8-byte load
 
 
 @dataclass

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "packed.h"
 
@@ -19,6 +20,7 @@ struct Luts {
   alignas(32) int8_t spread_bf[256][32];// the same to the high halves of 8 fp32 lanes (a bf16 is a truncated fp32)
   alignas(16) int8_t spread24[256][16]; // byte of 2:4 meta -> pshufb of its 4 16-bit values to their 8 columns
   alignas(16) int8_t spread_hi[256][16];// high byte of a 4x4 tile keeping 8: spread16 counted from 8 - popcount
+  alignas(32) int8_t spread_bf_hi[256][32];  // the same as spread_bf
   uint8_t keep24[256];                  // byte of 2:4 meta -> its 8 columns' keep bits (for rank_lo / mask)
   Luts() {
     for (int b = 0; b < 256; ++b) {
@@ -37,6 +39,8 @@ struct Luts {
         const int top = (8 - pc + rank) & 7;
         spread_hi[b][2 * j] = set ? static_cast<int8_t>(2 * top) : -128;
         spread_hi[b][2 * j + 1] = set ? static_cast<int8_t>(2 * top + 1) : -128;
+        int8_t* fh = spread_bf_hi[b] + 4 * j;
+        fh[0] = fh[1] = -128, fh[2] = spread_hi[b][2 * j], fh[3] = spread_hi[b][2 * j + 1];
         int8_t* f = spread_bf[b] + 4 * j;  // lane j of the ymm: byte 4 * (j % 4) of 128-bit half j / 4
         f[0] = f[1] = -128, f[2] = lo, f[3] = hi;
         const int code = j < 4 ? ga : gb, base = j < 4 ? 0 : 2, p = j & 3;
@@ -159,11 +163,18 @@ void tile44_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* 
     for (int64_t t = t0; t < t1; ++t) {
       const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
       const uint32_t lo = code & 255, hi = code >> 8;
-      const __m256 val = V::load(v, t * 8);
-      __m256 d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
-      if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
-      d01 = _mm256_and_ps(d01, _mm256_castsi256_ps(lut(L.mask, lo)));
-      d23 = _mm256_and_ps(d23, _mm256_castsi256_ps(lut(L.mask, hi)));
+      __m256 d01, d23;
+      if constexpr (std::is_same_v<V, BF16>) {  // one shuffle a row pair, straight into fp32 lanes
+        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * t)));
+        d01 = _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread_bf[lo]))));
+        d23 = _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread_bf_hi[hi]))));
+      } else {
+        const __m256 val = V::load(v, t * 8);
+        d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
+        if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
+        d01 = _mm256_and_ps(d01, _mm256_castsi256_ps(lut(L.mask, lo)));
+        d23 = _mm256_and_ps(d23, _mm256_castsi256_ps(lut(L.mask, hi)));
+      }
       for (int m = 0; m < MB; ++m) {
         const __m256 xx = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + m * xs + t * 4));
         p01[m] = _mm256_fmadd_ps(d01, xx, p01[m]);

@@ -59,8 +59,8 @@ inline Packed view(const at::Tensor& values, const Opt& meta, const Opt& scale, 
     TORCH_CHECK(w.kp >= k, "llmprune_cpu: meta covers fewer columns than k");
     count = kind == BITMASK ? kv + 32 : w.kp / c * kv;
   }
-  // a bitmask's int4 row: 2 bytes past its slack, for 5-byte loads from an odd nibble
-  const int64_t need = bits == 0 ? count * values.element_size() : bits == 8 ? count : (count + 1) / 2 + (kind == BITMASK) * 2;
+  // a bitmask's int4 row: 4 bytes past its slack, for 8-byte loads of 8 codes from any nibble
+  const int64_t need = bits == 0 ? count * values.element_size() : bits == 8 ? count : (count + 1) / 2 + (kind == BITMASK) * 4;
   TORCH_CHECK(w.vstride >= need, "llmprune_cpu: values hold ", w.vstride, " bytes a tile row, need ", need);
   if (bits) {
     TORCH_CHECK(scale && scale->scalar_type() == at::kHalf && scale->is_contiguous() && scale->dim() == 2 &&

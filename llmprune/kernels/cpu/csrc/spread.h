@@ -36,11 +36,11 @@ struct SpreadBF16 {
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(entry(L.spread_bf, e)))));
   }
 };
-struct SpreadQ4 {  // 8 codes from nibble j: 5 bytes from byte j / 2, shifted by a nibble when j is odd
-  static constexpr bool quant = true;
+struct SpreadQ4 {  // 8 codes from nibble j: 8 bytes from byte j / 2 (one load: 5 would go through the stack),
+  static constexpr bool quant = true;  // shifted by a nibble when j is odd
   static __m256 at(const Luts& L, const uint8_t* v, int64_t j, uint32_t e, __m256 z) {
-    uint64_t b = 0;
-    std::memcpy(&b, v + (j >> 1), 5);
+    uint64_t b;
+    std::memcpy(&b, v + (j >> 1), 8);
     const uint32_t codes = static_cast<uint32_t>(b >> (4 * (j & 1)));
     return spread_f32(L, _mm256_sub_ps(Q4::load(reinterpret_cast<const uint8_t*>(&codes), 0), z), e);
   }
