@@ -21,6 +21,7 @@ struct Luts {
   alignas(16) int8_t spread24[256][16]; // byte of 2:4 meta -> pshufb of its 4 16-bit values to their 8 columns
   alignas(16) int8_t spread_hi[256][16];// high byte of a 4x4 tile keeping 8: spread16 counted from 8 - popcount
   alignas(32) int8_t spread_bf_hi[256][32];  // the same as spread_bf
+  alignas(32) int8_t spread24_bf[256][32];   // spread24 to the high halves of 8 fp32 lanes
   uint8_t keep24[256];                  // byte of 2:4 meta -> its 8 columns' keep bits (for rank_lo / mask)
   Luts() {
     for (int b = 0; b < 256; ++b) {
@@ -47,6 +48,8 @@ struct Luts {
         const int idx = p == (code & 3) ? base : p == (code >> 2) ? base + 1 : -1;
         spread24[b][2 * j] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx);
         spread24[b][2 * j + 1] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx + 1);
+        int8_t* f24 = spread24_bf[b] + 4 * j;
+        f24[0] = f24[1] = -128, f24[2] = spread24[b][2 * j], f24[3] = spread24[b][2 * j + 1];
       }
     }
   }

@@ -83,7 +83,7 @@ RowFn pick(const Packed& w) {
   const bool f32 = w.vdtype == at::kFloat, f16 = w.vdtype == at::kHalf;
   if (w.kind == NM24 && whole_groups) {
     if (w.bits) return w.bits == 4 ? nm24_row<Q4, MB> : nm24_row<Q8, MB>;
-    return f32 ? nm24_row<F32, MB> : f16 ? nm24_row<F16, MB> : nm24_row<BF16, MB>;
+    return f32 ? nm24_row<F32, MB> : f16 ? nm24_row<F16, MB> : nm24_bf16_row<MB>;
   }
   if (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8 && whole_groups) {
     if (w.bits) return w.bits == 4 ? tile44_row<Q4, MB> : tile44_row<Q8, MB>;

@@ -86,6 +86,35 @@ void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
   for (int m = 0; m < MB; ++m) y[m * ys] = hsum(acc[m]);
 }
 
+// 2:4 with bf16 values: each meta byte's 4 values (8 bytes) spread to its 8 columns' fp32 lanes by one shuffle,
+// then one FMA a token: no shuffle per token (nm24_row gathers x for every token), so it wins from M = 1 up.
+template <int MB>
+void nm24_bf16_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(n);
+  const uint8_t* v = w.vrow(n);
+  __m256 a0[MB], a1[MB];
+  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    const uint8_t* vw = v + 32 * wi;  // the word's 16 values
+    __m256 d[4];
+    for (int q = 0; q < 4; ++q) {  // a 64-bit broadcast load: the byte's 4 values in both halves
+      const __m256i h = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(vw + 8 * q));
+      d[q] = _mm256_castsi256_ps(_mm256_shuffle_epi8(
+          h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread24_bf[(word >> (8 * q)) & 255]))));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float* xp = x + m * xs + wi * 32;
+      a0[m] = _mm256_fmadd_ps(d[0], _mm256_loadu_ps(xp), a0[m]);
+      a1[m] = _mm256_fmadd_ps(d[1], _mm256_loadu_ps(xp + 8), a1[m]);
+      a0[m] = _mm256_fmadd_ps(d[2], _mm256_loadu_ps(xp + 16), a0[m]);
+      a1[m] = _mm256_fmadd_ps(d[3], _mm256_loadu_ps(xp + 24), a1[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
+}
+
 // Whether decode16_row has w's layout: 16-bit values of 2:4, 4x4:8 or the bitmask.
 inline bool has_decode16(const Packed& w) {
   return !w.bits && w.vdtype != at::kFloat &&
