@@ -129,6 +129,9 @@ def ours(w: torch.Tensor) -> dict:
         q = quantize(w, 128, sparse=sparse)
         out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())  # int8-rounded tokens (M <= 16)
         out[name + " fp32 act"] = (lambda x, q=q: cpu.linear(x, q, act_int8=False), q.nbytes, q.dequantize())
+    for name, sparse in (("ours 4x4:8+int4 g128", "4x4:8"), ("ours 50%+int4 g128", "unstructured")):
+        q = quantize(w, 128, sparse=sparse)  # no integer kernel yet: the float rows on int8-rounded tokens
+        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())
     return out
 
 
@@ -167,7 +170,8 @@ def swap(model: torch.nn.Module, kind: str) -> None:
         if kind == "torch int8 w-only":
             new = Int8WeightOnly(w)
         elif kind.endswith("+int4"):
-            new = Int4Linear(quantize(w, 128, sparse=kind.startswith("2:4"), symmetric=False))
+            sparse = {"dense": False, "2:4": True, "4x4:8": "4x4:8", "50%": "unstructured"}[kind.removesuffix("+int4")]
+            new = Int4Linear(quantize(w, 128, sparse=sparse, symmetric=False))
         else:
             keep = pattern_of(kind).project(w.abs())
             new = SparseLinear.from_weight((w * keep).to(lin.weight.dtype), pattern_of(kind), mask=keep)
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2", help="linear: each; e2e: the last")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--models", default="smollm2,llama-1b-shape")
-    p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,50%,2:4+int4,dense+int4")
+    p.add_argument("--kinds", default="dense fp32,dense bf16,torch int8 w-only,2:4,4x4:8,50%,2:4+int4,4x4:8+int4,"
+                                      "50%+int4,dense+int4")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--e2e-reps", type=int, default=3)
     p.add_argument("--loop", choices=("lean", "transformers"), default="lean", help="e2e: llmprune's decode loop or "

@@ -2,6 +2,8 @@
 
 Every layout the kernels hold keeps each row (tile row) to itself, so stacking the packed tensors is the
 packed form of the stacked weight: one call, one pass over the input, one thread split instead of three.
+The kernel modules' own tensors then become views of their rows of the stack, so it costs no second copy;
+plain ``nn.Linear`` weights are copied (views would make transformers refuse to save the model).
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ def _bias(mods: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
         return None
     return torch.cat([m.bias.detach().to(dtype) if m.bias is not None else torch.zeros(m.out_features, dtype=dtype)
                       for m in mods])
+
+
+def _share(mods: list[nn.Module], fused: nn.Module, r: int) -> None:
+    """Point each module's tensors at its rows of ``fused``'s (tile-row tensors have ``out_features / r`` rows)."""
+    for name in ("values", "meta", "codes", "scale", "zero", "bias"):
+        whole, start = getattr(fused, name, None), 0
+        for m in mods:
+            rows = m.out_features // (r if name in ("values", "meta", "codes") else 1)
+            mine = getattr(m, name, None)
+            if whole is not None and mine is not None and mine.dtype == whole.dtype:
+                setattr(m, name, whole[start:start + rows])
+            start += rows
 
 
 def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
@@ -46,8 +60,10 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
             return None
         values = torch.cat([F.pad(m.values, (0, width - m.values.shape[1])) for m in mods])
         shape = (sum(m.out_features for m in mods), first.in_features)
-        return SparseLinear(first.layout, values, torch.cat([m.meta for m in mods]), shape,
-                            _bias(mods, first.values.dtype), first.table)
+        fused = SparseLinear(first.layout, values, torch.cat([m.meta for m in mods]), shape,
+                             _bias(mods, first.values.dtype), first.table)
+        _share(mods, fused, first.layout.r)
+        return fused
     if type(first) is Int4Linear:
         if any(m.group_size != first.group_size or (m.meta is None) != (first.meta is None) for m in mods):
             return None
@@ -65,4 +81,6 @@ def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
         codes = torch.cat([F.pad(m.codes, (0, width - m.codes.shape[1])) for m in mods])
         w = Int4Weight(codes, torch.cat([m.scale for m in mods]), zeros, meta,
                        (sum(m.out_features for m in mods), first.in_features), first.group_size, first.layout)
-        return Int4Linear(w, _bias(mods, torch.float32))
+        fused = Int4Linear(w, _bias(mods, torch.float32))
+        _share(mods, fused, first.layout.r if sparse else 1)
+        return fused

@@ -5,7 +5,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "packed.h"
 
@@ -21,7 +20,7 @@ struct Luts {
   alignas(16) int8_t spread24[256][16]; // byte of 2:4 meta -> pshufb of its 4 16-bit values to their 8 columns
   alignas(16) int8_t spread_hi[256][16];// high byte of a 4x4 tile keeping 8: spread16 counted from 8 - popcount
   alignas(32) int8_t spread_bf_hi[256][32];  // the same as spread_bf
-  alignas(32) int8_t spread24_bf[256][32];   // spread24 to the high halves of 8 fp32 lanes
+  alignas(32) int8_t spread24_bf[2][256][32];  // spread24 to the high halves of 8 fp32 lanes; [1]: values 4-7
   uint8_t keep24[256];                  // byte of 2:4 meta -> its 8 columns' keep bits (for rank_lo / mask)
   Luts() {
     for (int b = 0; b < 256; ++b) {
@@ -48,8 +47,12 @@ struct Luts {
         const int idx = p == (code & 3) ? base : p == (code >> 2) ? base + 1 : -1;
         spread24[b][2 * j] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx);
         spread24[b][2 * j + 1] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx + 1);
-        int8_t* f24 = spread24_bf[b] + 4 * j;
-        f24[0] = f24[1] = -128, f24[2] = spread24[b][2 * j], f24[3] = spread24[b][2 * j + 1];
+        for (int h = 0; h < 2; ++h) {
+          int8_t* f24 = spread24_bf[h][b] + 4 * j;
+          f24[0] = f24[1] = -128;
+          f24[2] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx + 8 * h);
+          f24[3] = idx < 0 ? -128 : static_cast<int8_t>(2 * idx + 1 + 8 * h);
+        }
       }
     }
   }
@@ -166,18 +169,11 @@ void tile44_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* 
     for (int64_t t = t0; t < t1; ++t) {
       const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
       const uint32_t lo = code & 255, hi = code >> 8;
-      __m256 d01, d23;
-      if constexpr (std::is_same_v<V, BF16>) {  // one shuffle a row pair, straight into fp32 lanes
-        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * t)));
-        d01 = _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread_bf[lo]))));
-        d23 = _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread_bf_hi[hi]))));
-      } else {
-        const __m256 val = V::load(v, t * 8);
-        d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
-        if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
-        d01 = _mm256_and_ps(d01, _mm256_castsi256_ps(lut(L.mask, lo)));
-        d23 = _mm256_and_ps(d23, _mm256_castsi256_ps(lut(L.mask, hi)));
-      }
+      const __m256 val = V::load(v, t * 8);
+      __m256 d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
+      if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
+      d01 = _mm256_and_ps(d01, _mm256_castsi256_ps(lut(L.mask, lo)));
+      d23 = _mm256_and_ps(d23, _mm256_castsi256_ps(lut(L.mask, hi)));
       for (int m = 0; m < MB; ++m) {
         const __m256 xx = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + m * xs + t * 4));
         p01[m] = _mm256_fmadd_ps(d01, xx, p01[m]);

@@ -87,7 +87,7 @@ RowFn pick(const Packed& w) {
   }
   if (w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8 && whole_groups) {
     if (w.bits) return w.bits == 4 ? tile44_row<Q4, MB> : tile44_row<Q8, MB>;
-    return f32 ? tile44_row<F32, MB> : f16 ? tile44_row<F16, MB> : tile44_row<BF16, MB>;
+    return f32 ? tile44_row<F32, MB> : f16 ? tile44_row<F16, MB> : tile44_bf16_row<MB>;
   }
   if (w.kind == DENSE && whole_groups) return w.bits == 4 ? dense_q_row<4, MB> : dense_q_row<8, MB>;
   if (w.kind == BITMASK && whole_groups) {
@@ -169,13 +169,14 @@ inline void small_q8(const Packed& w, const float* x, int64_t M, int64_t ld, flo
 }
 
 // Tile rows t0 .. t1 as dense fp32 rows, ld apart: the scalar decoder, or with `fast` the vector one where the
-// layout has it (quantized codes, spread.h).
+// layout has it (int4 / int8 codes, spread.h).
 inline void decode_rows(const Packed& w, int64_t t0, int64_t t1, float* out, int64_t ld, bool fast = false) {
   at::parallel_for(t0, t1, 1, [&](int64_t b, int64_t e) {
     for (int64_t tr = b; tr < e; ++tr) {
 #ifdef LLMP_AVX2
-      if (fast && decode_q(w, tr, out + (tr - t0) * ld)) {  // it writes kp columns; the BLAS reads ld
-        std::fill(out + (tr - t0) * ld + w.kp, out + (tr - t0 + 1) * ld, 0.f);
+      float* rows = out + (tr - t0) * w.r * ld;
+      if (fast && decode_q(w, tr, rows, ld)) {  // it writes kp columns; the BLAS reads ld
+        for (int64_t i = 0; i < w.r; ++i) std::fill(rows + i * ld + w.kp, rows + (i + 1) * ld, 0.f);
         continue;
       }
 #endif

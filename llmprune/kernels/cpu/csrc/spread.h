@@ -61,26 +61,25 @@ void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
   for (int64_t w0 = 0; w0 < words; w0 += wpg) {
     const int64_t w1 = std::min(words, w0 + wpg), g = S::quant ? w.group_of(w0 * 32) : 0;
     const __m256 z = S::quant ? _mm256_set1_ps(w.zero_at(n, g)) : _mm256_setzero_ps();
-    __m256 a0[MB], a1[MB];
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    constexpr int NA = MB <= 2 ? 4 : 2;  // independent sums a token: one FMA chain was the limit at 2
+    __m256 part[MB][NA];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < NA; ++a) part[m][a] = _mm256_setzero_ps();
     for (int64_t wi = w0; wi < w1; ++wi) {
       const uint32_t word = static_cast<uint32_t>(meta[wi]);
       const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
       const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
-      const __m256 d0 = S::at(L, v, j, (word << 5) & 0x1FE0, z), d1 = S::at(L, v, j1, (word >> 3) & 0x1FE0, z);
-      const __m256 d2 = S::at(L, v, j2, (word >> 11) & 0x1FE0, z), d3 = S::at(L, v, j3, (word >> 19) & 0x1FE0, z);
+      const __m256 d[4] = {S::at(L, v, j, (word << 5) & 0x1FE0, z), S::at(L, v, j1, (word >> 3) & 0x1FE0, z),
+                           S::at(L, v, j2, (word >> 11) & 0x1FE0, z), S::at(L, v, j3, (word >> 19) & 0x1FE0, z)};
       j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
-      for (int m = 0; m < MB; ++m) {
-        const float* xp = x + m * xs + wi * 32;
-        a0[m] = _mm256_fmadd_ps(d0, _mm256_loadu_ps(xp), a0[m]);
-        a1[m] = _mm256_fmadd_ps(d1, _mm256_loadu_ps(xp + 8), a1[m]);
-        a0[m] = _mm256_fmadd_ps(d2, _mm256_loadu_ps(xp + 16), a0[m]);
-        a1[m] = _mm256_fmadd_ps(d3, _mm256_loadu_ps(xp + 24), a1[m]);
-      }
+      for (int m = 0; m < MB; ++m)
+        for (int q = 0; q < 4; ++q)
+          part[m][q % NA] = _mm256_fmadd_ps(d[q], _mm256_loadu_ps(x + m * xs + wi * 32 + 8 * q), part[m][q % NA]);
     }
     for (int m = 0; m < MB; ++m) {
-      const __m256 part = _mm256_add_ps(a0[m], a1[m]);
-      acc[m] = S::quant ? _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), part, acc[m]) : _mm256_add_ps(acc[m], part);
+      __m256 sum = part[m][0];
+      for (int a = 1; a < NA; ++a) sum = _mm256_add_ps(sum, part[m][a]);
+      acc[m] = S::quant ? _mm256_fmadd_ps(_mm256_set1_ps(w.scale_at(n, g)), sum, acc[m]) : _mm256_add_ps(acc[m], sum);
     }
   }
   for (int m = 0; m < MB; ++m) y[m * ys] = hsum(acc[m]);
@@ -88,31 +87,73 @@ void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
 
 // 2:4 with bf16 values: each meta byte's 4 values (8 bytes) spread to its 8 columns' fp32 lanes by one shuffle,
 // then one FMA a token: no shuffle per token (nm24_row gathers x for every token), so it wins from M = 1 up.
+// Loads bound it (values, controls, x: 2 a cycle), so two meta bytes share one 16-byte load of values.
 template <int MB>
 void nm24_bf16_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, int64_t ys) {
+  constexpr int NA = MB <= 2 ? 4 : 2;  // independent sums a token: one FMA chain was the limit at 2
   const Luts& L = luts();
   const int32_t* meta = w.mrow(n);
   const uint8_t* v = w.vrow(n);
-  __m256 a0[MB], a1[MB];
-  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  __m256 acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
   for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
     const uint32_t word = static_cast<uint32_t>(meta[wi]);
-    const uint8_t* vw = v + 32 * wi;  // the word's 16 values
     __m256 d[4];
-    for (int q = 0; q < 4; ++q) {  // a 64-bit broadcast load: the byte's 4 values in both halves
-      const __m256i h = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(vw + 8 * q));
-      d[q] = _mm256_castsi256_ps(_mm256_shuffle_epi8(
-          h, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread24_bf[(word >> (8 * q)) & 255]))));
+    for (int h = 0; h < 2; ++h) {  // 16 bytes = the 8 values of two meta bytes, broadcast to both halves
+      const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi + 16 * h)));
+      for (int e = 0; e < 2; ++e) {
+        const int q = 2 * h + e;
+        d[q] = _mm256_castsi256_ps(_mm256_shuffle_epi8(
+            vals, _mm256_load_si256(reinterpret_cast<const __m256i*>(L.spread24_bf[e][(word >> (8 * q)) & 255]))));
+      }
     }
+    for (int m = 0; m < MB; ++m)
+      for (int q = 0; q < 4; ++q)
+        acc[m][q % NA] = _mm256_fmadd_ps(d[q], _mm256_loadu_ps(x + m * xs + wi * 32 + 8 * q), acc[m][q % NA]);
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 t = acc[m][0];
+    for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[m][a]);
+    y[m * ys] = hsum(t);
+  }
+}
+
+// 4x4:8 with bf16 values: a meta word holds two tiles; each tile's 8 values (16 bytes, broadcast to both
+// halves) go to rows 0-1 and 2-3 by one shuffle each, straight into fp32 lanes; x's 4 columns broadcast to both
+// halves. Four accumulators: the FMA latency, not the issue width, bounded a tile a step.
+template <int MB>
+void tile44_bf16_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* y, int64_t ys) {
+  const Luts& L = luts();
+  const int32_t* meta = w.mrow(tr);
+  const uint8_t* v = w.vrow(tr);
+  __m256 a01[MB], a23[MB], b01[MB], b23[MB];
+  for (int m = 0; m < MB; ++m) a01[m] = a23[m] = b01[m] = b23[m] = _mm256_setzero_ps();
+  auto shuffle = [](__m256i h, const int8_t* ctrl) {
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(h, _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl))));
+  };
+  for (int64_t wi = 0, words = w.kp / 8; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    const __m256i h0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi)));
+    const __m256i h1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi + 16)));
+    const __m256 d0 = shuffle(h0, L.spread_bf[word & 255]), d1 = shuffle(h0, L.spread_bf_hi[(word >> 8) & 255]);
+    const __m256 d2 = shuffle(h1, L.spread_bf[(word >> 16) & 255]), d3 = shuffle(h1, L.spread_bf_hi[word >> 24]);
     for (int m = 0; m < MB; ++m) {
-      const float* xp = x + m * xs + wi * 32;
-      a0[m] = _mm256_fmadd_ps(d[0], _mm256_loadu_ps(xp), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d[1], _mm256_loadu_ps(xp + 8), a1[m]);
-      a0[m] = _mm256_fmadd_ps(d[2], _mm256_loadu_ps(xp + 16), a0[m]);
-      a1[m] = _mm256_fmadd_ps(d[3], _mm256_loadu_ps(xp + 24), a1[m]);
+      const float* xp = x + m * xs + 8 * wi;
+      const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xp));
+      const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xp + 4));
+      a01[m] = _mm256_fmadd_ps(d0, x0, a01[m]), a23[m] = _mm256_fmadd_ps(d1, x0, a23[m]);
+      b01[m] = _mm256_fmadd_ps(d2, x1, b01[m]), b23[m] = _mm256_fmadd_ps(d3, x1, b23[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) y[m * ys] = hsum(_mm256_add_ps(a0[m], a1[m]));
+  for (int m = 0; m < MB; ++m) {
+    const __m256 r01 = _mm256_add_ps(a01[m], b01[m]), r23 = _mm256_add_ps(a23[m], b23[m]);
+    float* ym = y + m * ys;
+    ym[0] = hsum128(_mm256_castps256_ps128(r01));
+    ym[1] = hsum128(_mm256_extractf128_ps(r01, 1));
+    ym[2] = hsum128(_mm256_castps256_ps128(r23));
+    ym[3] = hsum128(_mm256_extractf128_ps(r23, 1));
+  }
 }
 
 // Whether decode16_row has w's layout: 16-bit values of 2:4, 4x4:8 or the bitmask.
@@ -166,26 +207,62 @@ inline void decode16_row(const Packed& w, int64_t tr, uint16_t* out, int64_t ld)
   }
 }
 
-// Row n of int4 / int8 codes, dense or 2:4, as fp32 (u - zero) * scale in out (kp columns, the padding 0):
-// the many-token path's decoder. Groups must be whole 32-column steps; other layouts return false.
+// Tile row tr of int4 / int8 codes (dense, 2:4, 4x4:8, or the bitmask with int4) as fp32 (u - zero) * scale,
+// r rows ld apart in out (kp columns): the many-token path's decoder. Groups must be whole 32-column steps.
 template <class V>
-inline void decode_q_row(const Packed& w, int64_t n, float* out) {
+inline void decode_q_row(const Packed& w, int64_t tr, float* out, int64_t ld) {
   const Luts& L = luts();
-  const uint8_t* v = w.vrow(n);
+  const uint8_t* v = w.vrow(tr);
+  const int32_t* meta = w.kind == DENSE ? nullptr : w.mrow(tr);
   if (w.kind == DENSE) {
     const int64_t full = w.k / 32 * 32;
     for (int64_t col = 0; col < full; col += 32) {
       const int64_t g = w.group_of(col);
-      const __m256 z = _mm256_set1_ps(w.zero_at(n, g)), s = _mm256_set1_ps(w.scale_at(n, g));
+      const __m256 z = _mm256_set1_ps(w.zero_at(tr, g)), s = _mm256_set1_ps(w.scale_at(tr, g));
       for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + col + 8 * i, _mm256_mul_ps(_mm256_sub_ps(V::load(v, col + 8 * i), z), s));
     }
-    for (int64_t col = full; col < w.kp; ++col) out[col] = col < w.k ? w.value(n, col, n, col) : 0.f;
+    for (int64_t col = full; col < w.kp; ++col) out[col] = col < w.k ? w.value(tr, col, tr, col) : 0.f;
     return;
   }
-  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {  // 2:4: 16 codes a word, spread to 32 columns
-    const uint32_t word = static_cast<uint32_t>(w.mrow(n)[wi]);
+  if (w.kind == TILE) {  // 4x4:8, as tile44_row: permute, subtract the rows' zeros, mask, scale per row
+    const int64_t row = 4 * tr;
+    auto pair = [&](bool scale, int64_t r, int64_t g) {
+      const float a = scale ? w.scale_at(row + r, g) : w.zero_at(row + r, g);
+      const float b = scale ? w.scale_at(row + r + 1, g) : w.zero_at(row + r + 1, g);
+      return _mm256_setr_ps(a, a, a, a, b, b, b, b);
+    };
+    for (int64_t t0 = 0, tiles = w.kp / 4, tpg = w.groups == 1 ? tiles : w.gs / 4; t0 < tiles; t0 += tpg) {
+      const int64_t g = w.group_of(4 * t0);
+      const __m256 z01 = pair(false, 0, g), z23 = pair(false, 2, g), s01 = pair(true, 0, g), s23 = pair(true, 2, g);
+      for (int64_t t = t0, t1 = std::min(tiles, t0 + tpg); t < t1; ++t) {
+        const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF, lo = code & 255, hi = code >> 8;
+        const __m256 val = V::load(v, t * 8);
+        const __m256 d01 = _mm256_mul_ps(_mm256_and_ps(_mm256_sub_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), z01),
+                                                       _mm256_castsi256_ps(lut(L.mask, lo))), s01);
+        const __m256 d23 = _mm256_mul_ps(_mm256_and_ps(_mm256_sub_ps(_mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi)), z23),
+                                                       _mm256_castsi256_ps(lut(L.mask, hi))), s23);
+        _mm_storeu_ps(out + 4 * t, _mm256_castps256_ps128(d01));
+        _mm_storeu_ps(out + ld + 4 * t, _mm256_extractf128_ps(d01, 1));
+        _mm_storeu_ps(out + 2 * ld + 4 * t, _mm256_castps256_ps128(d23));
+        _mm_storeu_ps(out + 3 * ld + 4 * t, _mm256_extractf128_ps(d23, 1));
+      }
+    }
+    return;
+  }
+  int64_t j = 0;  // the bitmask's running value index (as bitmask_row)
+  for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
+    const uint32_t word = static_cast<uint32_t>(meta[wi]);
     const int64_t g = w.group_of(wi * 32);
-    const __m256 z = _mm256_set1_ps(w.zero_at(n, g)), s = _mm256_set1_ps(w.scale_at(n, g));
+    const __m256 z = _mm256_set1_ps(w.zero_at(tr, g)), s = _mm256_set1_ps(w.scale_at(tr, g));
+    if (w.kind == BITMASK) {
+      const int64_t from[4] = {j, j + __builtin_popcount(word & 0xFF), j + __builtin_popcount(word & 0xFFFF),
+                               j + __builtin_popcount(word & 0xFFFFFF)};
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_ps(out + wi * 32 + 8 * q, _mm256_mul_ps(SpreadQ4::at(L, v, from[q], ((word >> (8 * q)) & 255) << 5, z), s));
+      j = std::min<int64_t>(j + __builtin_popcount(word), w.kv);
+      continue;
+    }
+    // 2:4: 16 codes a word, spread to 32 columns
     const __m256 half[2] = {_mm256_mul_ps(_mm256_sub_ps(V::load(v, wi * 16), z), s),
                             _mm256_mul_ps(_mm256_sub_ps(V::load(v, wi * 16 + 8), z), s)};
     for (int q = 0; q < 4; ++q) {  // byte q: 4 values from value 4q of the word
@@ -197,9 +274,12 @@ inline void decode_q_row(const Packed& w, int64_t n, float* out) {
   }
 }
 
-inline bool decode_q(const Packed& w, int64_t n, float* out) {
-  if (!w.bits || (w.kind != DENSE && w.kind != NM24) || !(w.groups == 1 || w.gs % 32 == 0)) return false;
-  w.bits == 4 ? decode_q_row<Q4>(w, n, out) : decode_q_row<Q8>(w, n, out);
+// decode_q_row where it has w's layout (then true).
+inline bool decode_q(const Packed& w, int64_t tr, float* out, int64_t ld) {
+  const bool tile44 = w.kind == TILE && w.r == 4 && w.c == 4 && w.kv == 8;
+  const bool fits = w.kind == DENSE || w.kind == NM24 || tile44 || (w.kind == BITMASK && w.bits == 4);
+  if (!w.bits || !fits || !(w.groups == 1 || w.gs % 32 == 0)) return false;
+  w.bits == 4 ? decode_q_row<Q4>(w, tr, out, ld) : decode_q_row<Q8>(w, tr, out, ld);
   return true;
 }
 
