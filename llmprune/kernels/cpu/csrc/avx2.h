@@ -72,16 +72,19 @@ inline __m256i lut(const int32_t (*t)[8], uint32_t b) { return _mm256_load_si256
 // Eight consecutive values (or codes, as floats) starting at value j of a tile row.
 struct F32 {
   static constexpr bool quant = false;
+  static constexpr int64_t nibbles = 8;  // per value: value j starts at byte j * nibbles / 2
   static __m256 load(const uint8_t* p, int64_t j) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + j); }
 };
 struct F16 {
   static constexpr bool quant = false;
+  static constexpr int64_t nibbles = 4;  // per value: value j starts at byte j * nibbles / 2
   static __m256 load(const uint8_t* p, int64_t j) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * j)));
   }
 };
 struct BF16 {
   static constexpr bool quant = false;
+  static constexpr int64_t nibbles = 4;  // per value: value j starts at byte j * nibbles / 2
   static __m256 load(const uint8_t* p, int64_t j) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * j)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -89,6 +92,7 @@ struct BF16 {
 };
 struct Q4 {
   static constexpr bool quant = true;
+  static constexpr int64_t nibbles = 1;  // per value: value j starts at byte j * nibbles / 2
   static __m256 load(const uint8_t* p, int64_t j) {  // 8 codes from 4 bytes, low nibble first
     int32_t b;
     std::memcpy(&b, p + j / 2, 4);
@@ -99,6 +103,7 @@ struct Q4 {
 };
 struct Q8 {
   static constexpr bool quant = true;
+  static constexpr int64_t nibbles = 2;  // per value: value j starts at byte j * nibbles / 2
   static __m256 load(const uint8_t* p, int64_t j) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j))));
   }
@@ -122,6 +127,8 @@ void nm24_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* y, 
     for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
     for (int64_t wi = w0; wi < w1; ++wi) {
       const uint32_t word = static_cast<uint32_t>(meta[wi]);
+      prefetch(v + wi * 16 * V::nibbles / 2);
+      if (!(wi & 15)) prefetch(meta + wi);
       const __m256i p0 = lut(L.nm24, word & 255), p1 = lut(L.nm24, (word >> 8) & 255);
       const __m256i p2 = lut(L.nm24, (word >> 16) & 255), p3 = lut(L.nm24, word >> 24);
       __m256 v0 = V::load(v, wi * 16), v1 = V::load(v, wi * 16 + 8);
@@ -169,6 +176,8 @@ void tile44_row(const Packed& w, int64_t tr, const float* x, int64_t xs, float* 
     for (int64_t t = t0; t < t1; ++t) {
       const uint32_t code = (static_cast<uint32_t>(meta[t >> 1]) >> ((t & 1) * 16)) & 0xFFFF;
       const uint32_t lo = code & 255, hi = code >> 8;
+      prefetch(v + t * 8 * V::nibbles / 2);
+      if (!(t & 31)) prefetch(meta + (t >> 1));
       const __m256 val = V::load(v, t * 8);
       __m256 d01 = _mm256_permutevar8x32_ps(val, lut(L.rank_lo, lo)), d23 = _mm256_permutevar8x32_ps(val, lut(L.rank_hi, hi));
       if (V::quant) d01 = _mm256_sub_ps(d01, z01), d23 = _mm256_sub_ps(d23, z23);
@@ -210,6 +219,7 @@ void dense_q_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
     __m256 part[MB];
     for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
     for (int64_t col = c0, c1 = std::min(full, c0 + span); col < c1; col += 32) {
+      prefetch(v + col * BITS / 8);
       __m256 f[4];
       if (BITS == 4) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + col / 2));

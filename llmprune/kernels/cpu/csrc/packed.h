@@ -19,6 +19,12 @@
 
 namespace llmp {
 
+// Weights stream from memory once per token: the hardware prefetcher alone left the row kernels at ~13 GB/s
+// from DRAM against oneDNN's ~21 (measured with working sets past the L3); asking for the line 4 KB ahead of
+// the one in use brought 2:4 to ~17 and 2:4 + int4 from ~5 to ~12 (4.9x less time: it is compute-light).
+constexpr int64_t PREFETCH = 4096;
+inline void prefetch(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + PREFETCH, 0, 3); }
+
 enum Kind : int64_t { NM24 = 0, TILE = 1, DENSE = 2, BITMASK = 3 };
 
 struct Packed {

@@ -57,6 +57,7 @@ void dense_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys)
     __m256 part[MB];
     for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
     for (int64_t col = c0, c1 = std::min(full, c0 + span); col < c1; col += 32) {
+      prefetch(v + col * BITS / 8);
       const __m256i wq = dense_codes<BITS>(v, col, z);
       for (int m = 0; m < MB; ++m) {
         const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * x.ld + col));
@@ -111,6 +112,8 @@ void nm24_q8_row(const Packed& w, int64_t n, const XQ& x, float* y, int64_t ys) 
     __m256 part[MB];
     for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
     for (int64_t c = c0, c1 = std::min(chunks, c0 + cpg); c < c1; ++c) {
+      prefetch(v + 16 * c * (BITS / 4));
+      if (!(c & 7)) prefetch(meta + 2 * c);
       const __m256i ctrl = nm24_ctrl(meta + 2 * c), wq = nm24_codes<BITS>(v, c, z);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xp = x.q + m * x.ld + 64 * c;

@@ -67,6 +67,8 @@ void bitmask_row(const Packed& w, int64_t n, const float* x, int64_t xs, float* 
       for (int a = 0; a < NA; ++a) part[m][a] = _mm256_setzero_ps();
     for (int64_t wi = w0; wi < w1; ++wi) {
       const uint32_t word = static_cast<uint32_t>(meta[wi]);
+      prefetch(v + (S::quant ? j / 2 : 2 * j));  // 16-bit values; fp32 ones stream at half the prefetched rate
+      if (!(wi & 15)) prefetch(meta + wi);
       const int64_t j1 = j + __builtin_popcount(word & 0xFF), j2 = j + __builtin_popcount(word & 0xFFFF);
       const int64_t j3 = j + __builtin_popcount(word & 0xFFFFFF);
       const __m256 d[4] = {S::at(L, v, j, (word << 5) & 0x1FE0, z), S::at(L, v, j1, (word >> 3) & 0x1FE0, z),
@@ -99,6 +101,8 @@ void nm24_bf16_row(const Packed& w, int64_t n, const float* x, int64_t xs, float
     for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
   for (int64_t wi = 0, words = w.kp / 32; wi < words; ++wi) {
     const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    if (!(wi & 1)) prefetch(v + 32 * wi);  // a 64-byte line of values every two words; meta: 1/8 of the bytes
+    if (!(wi & 15)) prefetch(meta + wi);
     __m256 d[4];
     for (int h = 0; h < 2; ++h) {  // 16 bytes = the 8 values of two meta bytes, broadcast to both halves
       const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi + 16 * h)));
@@ -134,6 +138,8 @@ void tile44_bf16_row(const Packed& w, int64_t tr, const float* x, int64_t xs, fl
   };
   for (int64_t wi = 0, words = w.kp / 8; wi < words; ++wi) {
     const uint32_t word = static_cast<uint32_t>(meta[wi]);
+    if (!(wi & 1)) prefetch(v + 32 * wi);
+    if (!(wi & 15)) prefetch(meta + wi);
     const __m256i h0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi)));
     const __m256i h1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 32 * wi + 16)));
     const __m256 d0 = shuffle(h0, L.spread_bf[word & 255]), d1 = shuffle(h0, L.spread_bf_hi[(word >> 8) & 255]);
