@@ -4,9 +4,11 @@ greedy decoding against transformers and llama.cpp.
 ``--part linear``: one Linear at Llama-2-7B (MLP, attention) and SmolLM2 shapes, M tokens, 1 and 2 threads;
 dense fp32 / bf16 / fp16 (``F.linear``), torch's weight-only int8 (``_weight_int8pack_mm``) and int4 g128
 (``_weight_int4pack_mm_for_cpu``), and ours (``llmprune.kernels.cpu``) for 2:4, 4x4:8 and 50 % / 70 %
-unstructured (bitmask) with bf16 values, 2:4 + int4 g128 and int4 g128 (int8-rounded tokens by default, ``fp32 act`` without). Median of
-``--reps`` calls after warm-up; every output is first checked against the dense matmul of the decompressed
-weight (``ok``: within 2 % of the output's range). GB/s = weight bytes / time, beside the copy bandwidth.
+unstructured (bitmask) with bf16 values, 2:4 + int4 g128 and int4 g128 (int8-rounded tokens by default, ``fp32
+act`` without), 4x4:8 + int4 and 50 % + int4. Median of ``--reps`` calls after warm-up, each on a copy of the
+weight not in the cache (``cpu_linear.py``: copies fill twice the L3); every output is first checked against the
+dense matmul of the decompressed weight (``ok``: within 2 % of the output's range). GB/s = weight bytes / time,
+beside the copy bandwidth.
 
 ``--part e2e``: greedy decode, batch 1, ``--new-tokens`` after a short prompt (``llmprune.generate.greedy``:
 the lean loop, or ``--loop transformers``; ``--lm-head int8``), for the bundled SmolLM2 and a
@@ -40,18 +42,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llmprune.kernels import SparseLinear, cpu, layout_for, pack  # noqa: E402
+from cpu_linear import SHAPES, copy_gbps, l3_bytes, linear_rows, pattern_of  # noqa: E402
+
+from llmprune.kernels import SparseLinear, cpu  # noqa: E402
 from llmprune.kernels.int4 import Int4Linear, quantize  # noqa: E402
-from llmprune.patterns import Pattern, parse_pattern  # noqa: E402
 from llmprune.report import environment, markdown_table, write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu.json"
-SHAPES = {"7b-mlp-up": (11008, 4096), "7b-mlp-down": (4096, 11008), "7b-attn": (4096, 4096),
-          "smollm2-mlp-up": (1536, 576), "smollm2-mlp-down": (576, 1536)}
 PROMPT = "The capital of France is"
 # SmolLM2's depth and head count at a width where the weights cost nothing: the per-token overhead of a loop
 TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
@@ -67,98 +68,7 @@ def cpu_info() -> dict:
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16")
             if f in flags]
-    return {"cpu": model, "simd": simd, "kernel_isa": cpu.build.isa()}
-
-
-def median_ms(fn, reps: int) -> float:  # noqa: ANN001
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def copy_gbps() -> float:
-    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1)  # 256 MB, far past the L3
-    dst = torch.empty_like(src)
-    return round(2 * src.nbytes / median_ms(lambda: dst.copy_(src), 5) / 1e6, 1)
-
-
-def candidates(w: torch.Tensor) -> dict:
-    """kind -> (call(x_bf16_or_f32) -> y, weight bytes, reference weight fp32)."""
-    n, k = w.shape
-    out = {}
-    for name, dt in (("dense fp32", torch.float32), ("dense bf16", torch.bfloat16), ("dense fp16", torch.float16)):
-        wd = w.to(dt)
-        out[name] = (lambda x, wd=wd: F.linear(x.to(wd.dtype), wd), wd.nbytes, wd.float())
-    scale8 = w.abs().amax(1).clamp_min(1e-8) / 127
-    q8 = (w / scale8[:, None]).round().to(torch.int8)
-    s8 = scale8.bfloat16()
-    out["torch int8 w-only"] = (lambda x: torch._weight_int8pack_mm(x.bfloat16(), q8, s8), q8.nbytes + s8.nbytes,
-                                q8.float() * s8.float()[:, None])
-    if k % 128:  # torch's int4 op needs whole groups
-        return out | ours(w)
-    w4 = quantize(w, 128, sparse=False, symmetric=False)
-    codes = torch.stack([w4.codes & 15, w4.codes >> 4], -1).flatten(1)[:, :k].int()
-    sz = torch.stack([w4.scale.float(), (8 - w4.zero.float()) * w4.scale.float()], -1)  # torch: (q - 8) * s + z
-    sz = sz.transpose(0, 1).contiguous().bfloat16()
-    packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-    ref4 = ((codes.float() - 8) * sz.float().transpose(0, 1)[..., 0].repeat_interleave(128, 1)[:, :k]
-            + sz.float().transpose(0, 1)[..., 1].repeat_interleave(128, 1)[:, :k])
-    out["torch int4 w-only g128"] = (lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, 128, sz),
-                                     packed4.nbytes + sz.nbytes, ref4)
-    return out | ours(w)
-
-
-def pattern_of(kind: str) -> Pattern:
-    """A sparsity kind of the tables: ``2:4``, ``4x4:8`` or ``50%`` / ``70%`` (unstructured, per row)."""
-    return parse_pattern("unstructured", int(kind[:-1]) / 100) if kind.endswith("%") else parse_pattern(kind)
-
-
-def ours(w: torch.Tensor) -> dict:
-    out = {}
-    for spec in ("2:4", "4x4:8", "50%", "70%"):
-        pattern = pattern_of(spec)
-        keep = pattern.project(w.abs())
-        pw = pack((w * keep).bfloat16(), layout_for(pattern), keep)
-        out[f"ours {spec} bf16"] = (lambda x, pw=pw: cpu.linear(x, pw), pw.nbytes, (w * keep).bfloat16().float())
-    for name, sparse in (("ours 2:4+int4 g128", True), ("ours int4 g128", False)):
-        q = quantize(w, 128, sparse=sparse)
-        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())  # int8-rounded tokens (M <= 16)
-        out[name + " fp32 act"] = (lambda x, q=q: cpu.linear(x, q, act_int8=False), q.nbytes, q.dequantize())
-    for name, sparse in (("ours 4x4:8+int4 g128", "4x4:8"), ("ours 50%+int4 g128", "unstructured")):
-        q = quantize(w, 128, sparse=sparse)  # no integer kernel yet: the float rows on int8-rounded tokens
-        out[name] = (lambda x, q=q: cpu.linear(x, q), q.nbytes, q.dequantize())
-    return out
-
-
-def linear_rows(args: argparse.Namespace, env: dict) -> list[dict]:
-    rows = []
-    for shape in args.shapes.split(","):
-        n, k = SHAPES[shape]
-        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
-        cands = candidates(w)
-        for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
-            for m in (int(v) for v in args.m.split(",")):
-                x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).bfloat16()
-                base = None
-                for kind, (call, nbytes, ref) in cands.items():
-                    want = x.float() @ ref.T
-                    got = call(x).float()
-                    ok = bool(((got - want).abs().max() <= 2e-2 * want.abs().max()).item())
-                    ms = median_ms(lambda call=call: call(x), args.reps if m <= 16 else max(3, args.reps // 6))
-                    base = ms if kind == "dense bf16" else base
-                    rows.append(dict(part="linear", shape=shape, n=n, k=k, m=m, threads=threads, kind=kind,
-                                     ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1), weight_bytes=nbytes, ok=ok,
-                                     **env))
-                    print(f"{shape} M={m} T={threads} {kind}: {ms:.3f} ms ok={ok}", flush=True)
-                for r in rows[-len(cands):]:
-                    r["vs_bf16"] = round(base / r["ms"], 3)
-    return rows
+    return {"cpu": model, "simd": simd, "kernel_isa": cpu.build.isa(), "l3_mb": l3_bytes() >> 20}
 
 
 def swap(model: torch.nn.Module, kind: str) -> None:
