@@ -223,9 +223,11 @@ def cpu_linear() -> str:
         cells.setdefault((r["shape"], r["m"]), {})[r["kind"]] = f"{r['ms']:.2f} ({r['vs_bf16']:.2f}×){mark}"
     body = [[shape, str(m), *(c.get(k, "–") for k in kinds)] for (shape, m), c in cells.items()]
     first = rows[0]
+    cache = (f"; each call reads a copy of the weight not in the cache (copies fill twice the {first['l3_mb']} MB "
+             "L3)" if "l3_mb" in first else "")
     return (f"{first['cpu']} ({', '.join(first['simd'])}), kernels built for {first['kernel_isa']}, torch "
             f"{first['torch']}, commit {first['commit']}; copy bandwidth in the same run "
-            f"{_load('cpu.json')['copy_gbps'].get(first['cpu'], '?')} GB/s.\n\n"
+            f"{_load('cpu.json')['copy_gbps'].get(first['cpu'], '?')} GB/s{cache}.\n\n"
             + _table(["shape", "M", *kinds], body))
 
 
