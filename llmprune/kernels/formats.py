@@ -17,7 +17,7 @@ at ``word_index * values_per_word + popcount(word & ((1 << (t*r*c + b)) - 1))``:
 
 ``"bitmask"`` (unstructured; r=1, c=32, kv=0): the code of 32 columns is their keep bits (one word); a row's
 kept values in column order, then zeros up to ``values.shape[1]`` = the most any row keeps + ``SLACK`` (rows
-padded to one stride so every row starts at a fixed place; the kernels load ``SLACK`` values at a time). The
+padded to one stride so every row starts at a fixed place; the kernels' 8-value loads may run past the last). The
 checkpoint's ``sparse-bitmask`` is the same bits and values, its rows padded to bytes and packed end to end.
 
 Bytes per weight with 16-bit values: ``(2*kv + r*c/8) / (r*c)``; 2:4 and 4x4:8 both read
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 WORD_BITS = 32
-SLACK = 32  # zero values past a bitmask row's widest: a word's last 8-value load (from up to 24 past its start) stays inside
+SLACK = 32  # zero values past a bitmask row's widest: 8-value loads from up to 24 past a word's start stay inside
 
 
 @dataclass(frozen=True)
