@@ -11,15 +11,18 @@ import copy
 import itertools
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmprune.kernels import cpu, layout_for, pack
-from llmprune.kernels.int4 import quantize
-from llmprune.patterns import Pattern, parse_pattern
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmprune.kernels import cpu, layout_for, pack  # noqa: E402
+from llmprune.kernels.int4 import quantize  # noqa: E402
+from llmprune.patterns import Pattern, parse_pattern  # noqa: E402
 
 SHAPES = {"7b-mlp-up": (11008, 4096), "7b-mlp-down": (4096, 11008), "7b-attn": (4096, 4096),
           "smollm2-mlp-up": (1536, 576), "smollm2-mlp-down": (576, 1536)}
@@ -128,3 +131,9 @@ def linear_rows(args, env: dict) -> list[dict]:  # noqa: ANN001
         for r in rows[first:]:
             r["vs_bf16"] = round(base[(r["threads"], r["m"])] / r["ms"], 3)
     return rows
+
+
+if __name__ == "__main__":  # the same as ``benchmarks/cpu.py --part linear``
+    import cpu as cpu_benchmark
+
+    sys.exit(cpu_benchmark.main(["--part", "linear", *sys.argv[1:]]))

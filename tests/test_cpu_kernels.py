@@ -22,7 +22,7 @@ from .test_export import TOKENS, tiny_llama
 from .test_kernels import pruned
 
 SPECS = ["2:4", "4x4:8", "4:8", "1:4", "2x2:2", "8x4:16", "1x8:4", "unstructured"]
-SHAPES = [(8, 36), (16, 100), (40, 232), (24, 256), (8, 4)]  # K off the vector width, padded words, N = r
+SHAPES = [(8, 36), (16, 100), (40, 232), (24, 256), (8, 4), (7, 64)]  # K off the vector width, N = r, odd N
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

@@ -257,11 +257,17 @@ def test_int4_kernel_weight_from_a_checkpoint_is_the_saved_weight(tmp_path: Path
 
     rounded = cpu.quantize_act(x) if cpu.available() else x  # the CPU kernels multiply int8-rounded tokens
     assert torch.allclose(Int4Linear(packed)(x), torch.nn.functional.linear(rounded, packed.dequantize()), atol=1e-5)
-    with pytest.raises(ValueError, match="2:4 \\+ int4 and dense int4"):
-        other = llmprune.prune(tiny_model(), None, PruneConfig(pattern="4x4:8", quant="int4", group_size=32,
+    tiles = tiny_model()  # 4x4:8 + int4: the tile layout's codes, the same weight
+    other = llmprune.prune(tiles, None, PruneConfig(pattern="4x4:8", quant="int4", group_size=32, batch_size=4),
+                           calib=CALIB, quiet=True)
+    c2 = Checkpoint(other.save(tmp_path / "t"))
+    assert torch.equal(from_parts(c2.parts(name), c2.targets[name]).dequantize(),
+                       tiles.get_submodule(name.removesuffix(".weight")).weight)
+    with pytest.raises(ValueError, match="the int4 kernels run int4 weights"):
+        eight = llmprune.prune(tiny_model(), None, PruneConfig(pattern="2:4", quant="int8", group_size=32,
                                                                batch_size=4), calib=CALIB, quiet=True)
-        c2 = Checkpoint(other.save(tmp_path / "t"))
-        from_parts(c2.parts(name), c2.targets[name])
+        c3 = Checkpoint(eight.save(tmp_path / "e"))
+        from_parts(c3.parts(name), c3.targets[name])
 
 
 @pytest.mark.gpu
